@@ -1,0 +1,27 @@
+"""ares-celery: exactly-once jobs and GPU-topology-aware routing for Celery."""
+
+from .app import Ares, AresWarning
+from .errors import (
+    AresError,
+    ConfigurationError,
+    FencedCommit,
+    InvalidRequestId,
+    LeaseLost,
+    RequestIdConflict,
+    ServiceUnavailable,
+)
+from .exactly_once.context import JobContext
+
+__all__ = [
+    "Ares",
+    "AresError",
+    "AresWarning",
+    "ConfigurationError",
+    "FencedCommit",
+    "InvalidRequestId",
+    "JobContext",
+    "LeaseLost",
+    "RequestIdConflict",
+    "ServiceUnavailable",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+"""``Ares(app)``: the entry point that turns a Celery app exactly-once."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task, signals
+
+from .errors import ConfigurationError
+from .exactly_once import context
+from .exactly_once.context import JobContext
+from .exactly_once.execution import JobRuntime
+from .exactly_once.submission import Submitter
+from .exactly_once.task import ExactlyOnceTask
+from .services import Services
+from .settings import AresSettings
+
+REDIS_BACKEND = "ares_celery.backends.redis:FencedRedisBackend"
+ETCD_BACKEND = "ares_celery.backends.etcd:FencedEtcdBackend"
+
+
+class AresWarning(UserWarning):
+    """A setting that weakens the guarantee without breaking it outright."""
+
+
+class Ares:
+    """Exactly-once tasks (and, later, GPU tasks) for one Celery app.
+
+    Reads the ``ares_*`` settings from ``app.conf``, checks the Celery
+    settings the guarantee depends on, and installs the fenced result
+    backend. Create it once, next to the app, before tasks are defined.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.settings = AresSettings.from_conf(app.conf)
+        check_serializers(app.conf)
+        self._install_result_backend()
+        warn_on_visibility_timeout(app.conf, self.settings.lease_ttl)
+        self.services = Services(self.settings)
+        self.submitter = Submitter(self.services)
+        self.runtime = JobRuntime(self.services, lambda: self.app.backend)
+        self._task_base = type("AresTask", (ExactlyOnceTask,), {
+            "_ares": self, "__module__": __name__})
+        app.ares = self
+        signals.task_postrun.connect(self._on_postrun, weak=False)
+        signals.worker_process_shutdown.connect(self._on_shutdown, weak=False)
+        signals.worker_shutdown.connect(self._on_shutdown, weak=False)
+        signals.worker_init.connect(self._on_worker_init, weak=False)
+
+    # -- decorators --------------------------------------------------------
+
+    def task(self, *args: Any, **options: Any) -> Any:
+        """``@ares.task`` or ``@ares.task(name=..., **celery_options)``."""
+        if len(args) == 1 and callable(args[0]) and not options:
+            return self._make_task(args[0], {})
+
+        def decorate(fun: Callable[..., Any]) -> Task:
+            return self._make_task(fun, options)
+        if args:
+            raise TypeError("ares.task takes only keyword options")
+        return decorate
+
+    def _make_task(self, fun: Callable[..., Any],
+                   options: dict[str, Any]) -> Task:
+        for flag in ("acks_late", "reject_on_worker_lost"):
+            if options.get(flag, True) is not True:
+                raise ConfigurationError(
+                    f"{flag}=False would let a lost worker drop the job; "
+                    "exactly-once tasks require it to be True")
+        serializer = options.get("serializer")
+        if serializer not in (None, "json"):
+            raise ConfigurationError(
+                f"serializer={serializer!r}: exactly-once tasks use JSON only")
+        base = options.pop("base", None)
+        if base is None:
+            base = self._task_base
+        elif not issubclass(base, ExactlyOnceTask):
+            base = type(f"Ares{base.__name__}", (self._task_base, base), {
+                "__module__": base.__module__})
+        return self.app.task(fun, base=base, acks_late=True,
+                             reject_on_worker_lost=True, **options)
+
+    # -- runtime -----------------------------------------------------------
+
+    @staticmethod
+    def current() -> JobContext:
+        """Inside an exactly-once task: its job id, request id, fencing
+        token and lease state."""
+        return context.current()
+
+    def _install_result_backend(self) -> None:
+        conf = self.app.conf
+        current = conf.get("result_backend")
+        if self.settings.result_store == "etcd":
+            conf.result_backend = f"{ETCD_BACKEND}+etcd://"
+            return
+        if isinstance(current, str) and current.startswith(REDIS_BACKEND):
+            return
+        if current is None:
+            url = self.settings.redis_url
+        elif isinstance(current, str) and current.startswith(
+                ("redis://", "rediss://")):
+            url = current
+        else:
+            raise ConfigurationError(
+                f"result_backend={current!r} cannot fence commits; use a "
+                "redis:// URL (or none: ares_redis_url is used) or set "
+                "ares_result_store='etcd'")
+        conf.result_backend = f"{REDIS_BACKEND}+{url}"
+
+    def _on_postrun(self, sender: Any = None, task_id: str | None = None,
+                    task: Any = None, **_: Any) -> None:
+        if isinstance(task, ExactlyOnceTask) and task._ares is self \
+                and task_id:
+            self.runtime.finish(task_id)
+
+    def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        # Settings may have been changed after Ares(app); check again.
+        check_serializers(self.app.conf)
+        warn_on_visibility_timeout(self.app.conf, self.settings.lease_ttl)
+
+    def _on_shutdown(self, **_: Any) -> None:
+        self.services.close()
+
+
+def check_serializers(conf: Any) -> None:
+    """Exactly-once needs JSON: pickle lets a message run arbitrary code and
+    makes the dedup digest and stored results unportable."""
+    offenders = []
+    for key in ("task_serializer", "result_serializer"):
+        if conf.get(key) not in (None, "json"):
+            offenders.append(f"{key}={conf.get(key)!r}")
+    for key in ("accept_content", "result_accept_content"):
+        accepted = conf.get(key)
+        if accepted is None:
+            continue
+        accepted = [accepted] if isinstance(accepted, str) else list(accepted)
+        bad = [c for c in accepted if c not in ("json", "application/json")]
+        if bad:
+            offenders.append(f"{key} includes {bad!r}")
+    if offenders:
+        raise ConfigurationError(
+            "exactly-once tasks require JSON serialization only: "
+            + "; ".join(offenders))
+
+
+def warn_on_visibility_timeout(conf: Any, lease_ttl: int) -> None:
+    options = conf.get("broker_transport_options") or {}
+    visibility = options.get("visibility_timeout", 3600)
+    if visibility <= lease_ttl:
+        warnings.warn(
+            f"broker visibility_timeout={visibility}s is not larger than "
+            f"ares_lease_ttl={lease_ttl}s: a message may be redelivered while "
+            "its lease holder is still alive, causing needless deferrals",
+            AresWarning, stacklevel=3)

@@ -1,0 +1,144 @@
+"""A Celery result backend on etcd whose commit is one fenced Txn.
+
+The commit compares (a) that the job's lock key was created at the writer's
+fencing token, so the writer still holds a live lease, and (b) that no
+result was committed before; only then does it write the result, set the
+commit marker and delete the lock, all in the same transaction. Results
+hang off a shared, hourly lease so they expire like Celery's
+``result_expires`` instead of piling up.
+
+Select it with ``ares_result_store = "etcd"``. ``AsyncResult.get()`` polls
+(etcd has no pub/sub that fits Celery's consumer); the Redis backend is the
+lower-latency choice.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from celery.backends.base import KeyValueStoreBackend
+from kombu.utils.encoding import bytes_to_str
+
+from ..clients.etcd import (
+    EtcdGateway,
+    cmp_create_revision,
+    cmp_version,
+    op_delete,
+    op_put,
+    op_range,
+)
+from ..exactly_once import context
+from ..exactly_once.identity import Keys
+from .fencing import TERMINAL_STATES, CommitStats, report_rejected, token_for
+
+
+class FencedEtcdBackend(KeyValueStoreBackend):
+    """Results in etcd, committed write-once under the fencing token."""
+
+    supports_native_join = False
+
+    def __init__(self, app=None, url=None, **kwargs):
+        super().__init__(app=app, url=url, **kwargs)
+        conf = self.app.conf
+        self._endpoints = conf.get("ares_etcd_endpoints", ["127.0.0.1:2379"])
+        self._timeout = float(conf.get("ares_etcd_timeout", 2.0))
+        self._keys = Keys(conf.get("ares_namespace", "ares"))
+        self._gateway: EtcdGateway | None = None
+        self._gateway_lock = threading.Lock()
+        self._lease: tuple[int, float] | None = None
+        self.expires = int(self.prepare_expires(None, type=int) or 86400)
+
+    @property
+    def etcd(self) -> EtcdGateway:
+        with self._gateway_lock:
+            if self._gateway is None:
+                self._gateway = EtcdGateway(self._endpoints, self._timeout)
+            return self._gateway
+
+    def __reduce__(self, args=(), kwargs=None):
+        return super().__reduce__(args, dict(kwargs or {}))
+
+    # -- expiry ------------------------------------------------------------
+
+    def _results_lease(self) -> int:
+        """A lease shared by all results written in the same hour, granted
+        with TTL = result_expires + 1 h so every result lives at least
+        ``result_expires``."""
+        now = time.monotonic()
+        if self._lease is None or now - self._lease[1] > 3600:
+            lease_id = self.etcd.grant_lease(self.expires + 3600)
+            self._lease = (lease_id, now)
+        return self._lease[0]
+
+    # -- KeyValueStoreBackend primitives -------------------------------------
+
+    def get_key_for_task(self, task_id, key=""):
+        return self._keys.result(bytes_to_str(task_id)).encode()
+
+    def get(self, key):
+        kv = self.etcd.get(bytes_to_str(key))
+        return kv.value if kv is not None else None
+
+    def mget(self, keys):
+        return [self.get(key) for key in keys]
+
+    def set(self, key, value):
+        self.etcd.put(bytes_to_str(key), value, lease=self._results_lease())
+
+    def delete(self, key):
+        self.etcd.delete(bytes_to_str(key))
+
+    def _store_result(self, task_id, result, state, traceback=None,
+                      request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state,
+                                     traceback=traceback, request=request)
+        task_id = bytes_to_str(task_id)
+        meta["task_id"] = task_id
+        token = token_for(task_id)
+        terminal = state in TERMINAL_STATES
+        result_key = self._keys.result(task_id)
+        done_key = self._keys.done(task_id)
+        lock_key = self._keys.lock(task_id)
+        lease = self._results_lease()
+        compare = [cmp_version(done_key, 0)]
+        success = [op_put(result_key, self.encode(meta), lease)]
+        if terminal:
+            marker = json.dumps({"token": token, "state": state})
+            success.append(op_put(done_key, marker, lease))
+            if token:
+                compare.append(cmp_create_revision(lock_key, token))
+                success.append(op_delete(lock_key))
+        outcome = self.etcd.txn(compare, success,
+                                failure=[op_range(done_key)])
+        if outcome.succeeded:
+            if terminal:
+                CommitStats.accepted += 1
+                ctx_released(task_id)
+            return result
+        done = outcome.ranges()[0] if outcome.ranges() else []
+        if done:
+            committed = json.loads(done[0].value).get("token", 0)
+            if token and committed == token:
+                return result  # our own commit, retried after a lost reply
+            report_rejected(task_id, state, token, "duplicate", str(committed))
+        else:
+            self.etcd.put(self._keys.fenced(task_id, token),
+                          json.dumps({"state": state, "at": time.time()}),
+                          lease=lease)
+            report_rejected(task_id, state, token, "fenced", "a newer holder")
+        return result
+
+    # -- helpers for the task ---------------------------------------------
+
+    def committed_token(self, job_id: str) -> str | None:
+        kv = self.etcd.get(self._keys.done(job_id))
+        return str(json.loads(kv.value).get("token")) if kv else None
+
+
+def ctx_released(task_id: str) -> None:
+    """The commit Txn deleted the lock; don't release it a second time."""
+    ctx = context.lookup(task_id)
+    if ctx is not None:
+        ctx.released = True

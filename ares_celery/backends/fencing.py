@@ -1,0 +1,49 @@
+"""What both fenced backends share: which token a write carries and how a
+rejected (zombie) commit is reported.
+
+A write for a job this thread is executing carries the job's fencing token;
+any other write (the worker's main process recording a time-limit kill, or
+a plain Celery task sharing the backend) carries no token and is only held
+to write-once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import states
+
+from ..exactly_once import context
+
+logger = logging.getLogger("ares_celery.fencing")
+
+#: States after which nothing may overwrite the result.
+TERMINAL_STATES = frozenset(states.READY_STATES)
+
+
+class CommitStats:
+    """Per-process counters, read by tests, metrics and the CLI."""
+
+    accepted = 0
+    fenced = 0
+    duplicate = 0
+
+
+def token_for(task_id: str) -> int:
+    """The fencing token for a write of ``task_id`` from this thread, or 0."""
+    ctx = context.lookup(task_id)
+    return ctx.fencing_token if ctx is not None else 0
+
+
+def report_rejected(task_id: str, state: str, token: int, reason: str,
+                    current: str) -> None:
+    if reason == "fenced":
+        CommitStats.fenced += 1
+        logger.warning(
+            "ares: commit of job %s (%s) with fencing token %s REJECTED: a "
+            "newer lease holder has token %s; the committed result stands",
+            task_id, state, token, current)
+    else:
+        CommitStats.duplicate += 1
+        logger.info("ares: job %s already committed (token %s); %s write "
+                    "with token %s dropped", task_id, current, state, token)

@@ -1,0 +1,112 @@
+"""A Celery Redis result backend whose commits are fenced.
+
+The commit is one Lua script: it refuses the write if a terminal result was
+committed before (write-once) or if the writer's fencing token is smaller
+than the highest token any lease holder of the job registered (a zombie),
+and otherwise stores the meta and PUBLISHes it exactly like Celery's own
+Redis backend, so ``AsyncResult.get()`` wakes up at once.
+"""
+
+from __future__ import annotations
+
+from celery.backends.redis import RedisBackend
+from kombu.utils.encoding import bytes_to_str
+
+from ..exactly_once.identity import Keys
+from .fencing import TERMINAL_STATES, CommitStats, report_rejected, token_for
+
+_COMMIT = """
+local committed = redis.call('HGET', KEYS[2], 'committed')
+if committed then return {0, 'duplicate', committed} end
+local token = tonumber(ARGV[3])
+if token > 0 then
+  local fence = tonumber(redis.call('HGET', KEYS[2], 'fence') or '0')
+  if token < fence then
+    redis.call('HINCRBY', KEYS[2], 'fenced', 1)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*',
+               'job', ARGV[5], 'token', ARGV[3], 'fence', fence,
+               'state', ARGV[6])
+    return {0, 'fenced', tostring(fence)}
+  end
+end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+end
+return {1, 'ok', ARGV[3]}
+"""
+
+_FENCE = """
+local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+if tonumber(ARGV[1]) > fence then
+  redis.call('HSET', KEYS[1], 'fence', ARGV[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('HGET', KEYS[1], 'committed')
+"""
+
+
+class FencedRedisBackend(RedisBackend):
+    """Drop-in for ``redis://`` results with write-once, fenced commits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._keys = Keys(self.app.conf.get("ares_namespace", "ares"))
+        self._commit_script = self.client.register_script(_COMMIT)
+        self._fence_script = self.client.register_script(_FENCE)
+
+    # -- used by the task before the body runs ---------------------------
+
+    def register_fence(self, job_id: str, token: int) -> str | None:
+        """Raise the job's fence to ``token``; return the committed token if
+        the job is already committed (then the body must not run)."""
+        ttl = max(int(self.expires or 0), 86400)
+        committed = self.ensure(lambda: self._fence_script(
+            keys=[self._keys.job(job_id)], args=[token, ttl]), ())
+        return bytes_to_str(committed) if committed else None
+
+    def committed_token(self, job_id: str) -> str | None:
+        value = self.client.hget(self._keys.job(job_id), "committed")
+        return bytes_to_str(value) if value else None
+
+    # -- Celery's storage hook -------------------------------------------
+
+    def _store_result(self, task_id, result, state, traceback=None,
+                      request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state,
+                                     traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        token = token_for(task_id)
+        terminal = state in TERMINAL_STATES
+        expires = self.failure_expires if state == "FAILURE" else self.expires
+        keys = [self.get_key_for_task(task_id), self._keys.job(task_id),
+                self._keys.fenced_log()]
+        args = [self.encode(meta), "1" if terminal else "0", token,
+                int(expires or 0), task_id, state]
+        accepted, reason, current = self.ensure(
+            lambda: self._commit_script(keys=keys, args=args), ())
+        reason, current = bytes_to_str(reason), bytes_to_str(current)
+        if not accepted and token and current == str(token):
+            accepted = True  # our own commit, retried after a lost reply
+        if accepted:
+            if terminal:
+                CommitStats.accepted += 1
+        else:
+            report_rejected(task_id, state, token, reason, current)
+        return result
+
+    def fenced_commits(self, count: int = 100) -> list[dict]:
+        """Most recent rejected commits, newest first (for ops tooling)."""
+        entries = self.client.xrevrange(self._keys.fenced_log(), count=count)
+        return [{"id": bytes_to_str(eid), "at": int(bytes_to_str(eid)
+                 .split("-")[0]) / 1000.0,
+                 **{bytes_to_str(k): bytes_to_str(v) for k, v in f.items()}}
+                for eid, f in entries]
+

@@ -1,0 +1,287 @@
+"""The one place that talks to etcd.
+
+We use ``etcd3gw`` (etcd's JSON gRPC-gateway, plain HTTP via ``requests``):
+it is maintained (OpenStack), has no protobuf/grpc dependency (python-etcd3
+breaks on current protobuf) and is synchronous, so it is safe in prefork pool
+children without an event loop or gRPC's fork caveats. Everything else in the
+package goes through :class:`EtcdGateway`, so swapping the client means
+changing only this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from etcd3gw import exceptions as etcd_exc
+from etcd3gw.client import Etcd3Client
+
+from ..errors import ConfigurationError, ServiceUnavailable
+
+_TRANSIENT = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+)
+
+
+def _b64(data: str | bytes) -> str:
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(data: str | None) -> bytes:
+    return base64.b64decode(data) if data else b""
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """A decoded etcd key-value with the revisions fencing relies on."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+    @classmethod
+    def from_json(cls, kv: dict[str, Any]) -> KeyValue:
+        return cls(
+            key=_unb64(kv.get("key")).decode(),
+            value=_unb64(kv.get("value")),
+            create_revision=int(kv.get("create_revision", 0)),
+            mod_revision=int(kv.get("mod_revision", 0)),
+            version=int(kv.get("version", 0)),
+            lease=int(kv.get("lease", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    """Outcome of one etcd transaction."""
+
+    succeeded: bool
+    revision: int
+    responses: list[dict[str, Any]]
+
+    def ranges(self) -> list[list[KeyValue]]:
+        """The key-values of each range op in the executed branch, in order."""
+        out = []
+        for resp in self.responses:
+            if "response_range" in resp:
+                kvs = resp["response_range"].get("kvs", [])
+                out.append([KeyValue.from_json(kv) for kv in kvs])
+        return out
+
+
+# -- transaction building blocks (etcd v3 JSON gateway shapes) ------------
+
+
+def cmp_create_revision(key: str, revision: int) -> dict[str, Any]:
+    return {"key": _b64(key), "target": "CREATE", "result": "EQUAL",
+            "create_revision": str(revision)}
+
+
+def cmp_version(key: str, version: int) -> dict[str, Any]:
+    return {"key": _b64(key), "target": "VERSION", "result": "EQUAL",
+            "version": str(version)}
+
+
+def op_put(key: str, value: str | bytes, lease: int = 0) -> dict[str, Any]:
+    body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        body["lease"] = str(lease)
+    return {"request_put": body}
+
+
+def op_range(key: str, prefix: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"key": _b64(key)}
+    if prefix:
+        body["range_end"] = _b64(_prefix_end(key))
+    return {"request_range": body}
+
+
+def op_delete(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
+def _prefix_end(prefix: str) -> bytes:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return bytes(raw)
+
+
+def parse_endpoints(endpoints: str | Iterable[str]) -> list[tuple[str, int]]:
+    """Turn ``["host:port", ...]`` (or a comma-separated string) into pairs."""
+    if isinstance(endpoints, str):
+        endpoints = [e for e in endpoints.split(",") if e.strip()]
+    parsed = []
+    for raw in endpoints:
+        if isinstance(raw, tuple) and len(raw) == 2:
+            parsed.append((str(raw[0]), int(raw[1])))
+            continue
+        item = str(raw).strip()
+        for scheme in ("http://", "https://"):
+            if item.startswith(scheme):
+                item = item[len(scheme):]
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigurationError(
+                f"ares_etcd_endpoints entry {raw!r} is not 'host:port'")
+        parsed.append((host.strip("[]"), int(port)))
+    if not parsed:
+        raise ConfigurationError("ares_etcd_endpoints is empty")
+    return parsed
+
+
+class EtcdGateway:
+    """Thread-safe etcd access with endpoint fail-over.
+
+    One instance per process (``requests`` sessions must not cross a fork);
+    a connection error moves on to the next endpoint, and only when every
+    endpoint failed does the caller see :class:`ServiceUnavailable` naming
+    them all, so callers can fail closed with a useful message.
+    """
+
+    def __init__(self, endpoints: str | Iterable[str], timeout: float = 2.0,
+                 protocol: str = "http", ca_cert: str | None = None,
+                 cert_key: str | None = None, cert_cert: str | None = None,
+                 ) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.timeout = timeout
+        self._protocol = protocol
+        self._tls = (ca_cert, cert_key, cert_cert)
+        self._local = threading.local()
+        self._preferred = 0
+
+    @property
+    def address(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+    def _client(self, index: int) -> Etcd3Client:
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        client = clients.get(index)
+        if client is None:
+            host, port = self.endpoints[index]
+            ca, key, cert = self._tls
+            client = Etcd3Client(host=host, port=port, protocol=self._protocol,
+                                 ca_cert=ca, cert_key=key, cert_cert=cert,
+                                 timeout=self.timeout, api_path="/v3/")
+            clients[index] = client
+        return client
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        errors = []
+        count = len(self.endpoints)
+        start = self._preferred
+        for step in range(count):
+            index = (start + step) % count
+            client = self._client(index)
+            try:
+                result = client.post(client.get_url(path),
+                                     data=json.dumps(body))
+            except _TRANSIENT as exc:
+                errors.append(f"{self.endpoints[index][0]}:"
+                              f"{self.endpoints[index][1]}: {exc}")
+                continue
+            except etcd_exc.Etcd3Exception as exc:
+                detail = getattr(exc, "detail_text", None) or str(exc)
+                if "no leader" in detail or "timed out" in detail:
+                    errors.append(f"{self.endpoints[index]}: {detail}")
+                    continue
+                raise
+            self._preferred = index
+            return result
+        raise ServiceUnavailable(
+            f"etcd unreachable at {self.address}: " + "; ".join(errors))
+
+    # -- kv --------------------------------------------------------------
+
+    def txn(self, compare: Sequence[dict[str, Any]],
+            success: Sequence[dict[str, Any]],
+            failure: Sequence[dict[str, Any]] = ()) -> TxnResult:
+        """Run one transaction: the unit every atomic step is built on."""
+        resp = self._post("/kv/txn", {"compare": list(compare),
+                                      "success": list(success),
+                                      "failure": list(failure)})
+        return TxnResult(
+            succeeded=bool(resp.get("succeeded", False)),
+            revision=int(resp.get("header", {}).get("revision", 0)),
+            responses=resp.get("responses", []) or [],
+        )
+
+    def get(self, key: str) -> KeyValue | None:
+        resp = self._post("/kv/range", {"key": _b64(key)})
+        kvs = resp.get("kvs") or []
+        return KeyValue.from_json(kvs[0]) if kvs else None
+
+    def get_prefix(self, prefix: str, keys_only: bool = False,
+                   limit: int = 0) -> list[KeyValue]:
+        body: dict[str, Any] = {"key": _b64(prefix),
+                                "range_end": _b64(_prefix_end(prefix))}
+        if keys_only:
+            body["keys_only"] = True
+        if limit:
+            body["limit"] = str(limit)
+        resp = self._post("/kv/range", body)
+        return [KeyValue.from_json(kv) for kv in resp.get("kvs") or []]
+
+    def count_prefix(self, prefix: str) -> int:
+        resp = self._post("/kv/range", {
+            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+            "count_only": True})
+        return int(resp.get("count", 0))
+
+    def put(self, key: str, value: str | bytes, lease: int = 0) -> int:
+        body = op_put(key, value, lease)["request_put"]
+        resp = self._post("/kv/put", body)
+        return int(resp.get("header", {}).get("revision", 0))
+
+    def delete(self, key: str) -> int:
+        resp = self._post("/kv/deleterange", {"key": _b64(key)})
+        return int(resp.get("deleted", 0))
+
+    def delete_prefix(self, prefix: str) -> int:
+        resp = self._post("/kv/deleterange", {
+            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
+        return int(resp.get("deleted", 0))
+
+    # -- leases ----------------------------------------------------------
+
+    def grant_lease(self, ttl: int) -> int:
+        resp = self._post("/lease/grant", {"TTL": str(int(ttl)), "ID": "0"})
+        if resp.get("error"):
+            raise ServiceUnavailable(f"etcd at {self.address} refused a "
+                                     f"lease: {resp['error']}")
+        return int(resp["ID"])
+
+    def refresh_lease(self, lease_id: int) -> int:
+        """Keep a lease alive; returns its new TTL, or -1 if it expired."""
+        resp = self._post("/lease/keepalive", {"ID": str(lease_id)})
+        return int(resp.get("result", {}).get("TTL", -1))
+
+    def lease_ttl(self, lease_id: int) -> int:
+        resp = self._post("/kv/lease/timetolive", {"ID": str(lease_id)})
+        return int(resp.get("TTL", -1))
+
+    def revoke_lease(self, lease_id: int) -> None:
+        try:
+            self._post("/kv/lease/revoke", {"ID": str(lease_id)})
+        except etcd_exc.Etcd3Exception:
+            pass  # already expired: nothing left to revoke
+
+    # -- health ----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Cluster member status; proves a member answers requests."""
+        return self._post("/maintenance/status", {})

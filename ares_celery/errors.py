@@ -1,0 +1,55 @@
+"""Every error the public API raises derives from :class:`AresError`.
+
+One root class lets callers write a single ``except AresError`` around
+submission and still tell the cases apart by subclass.
+"""
+
+from __future__ import annotations
+
+
+class AresError(Exception):
+    """Root of all ares-celery errors."""
+
+
+class ConfigurationError(AresError):
+    """The Celery app or the ``ares_*`` settings cannot give the guarantee."""
+
+
+class InvalidRequestId(AresError, ValueError):
+    """A request id that cannot serve as an idempotency key."""
+
+
+class RequestIdConflict(AresError):
+    """A request id already names a job of another task or other arguments."""
+
+
+class ServiceUnavailable(AresError, ConnectionError):
+    """Redis or etcd could not be reached; the message names the address."""
+
+
+class LeaseLost(AresError):
+    """The worker no longer holds the job's lease: its commit will be fenced."""
+
+
+class FencedCommit(AresError):
+    """A result write was refused because its fencing token is stale."""
+
+
+class GpuRequestError(AresError, ValueError):
+    """A GPU requirement that is malformed (bad count, memory or link type)."""
+
+
+class UnsatisfiableGpuRequest(AresError):
+    """No placement can ever satisfy the GPU request; the message says why."""
+
+
+class NoGpuHosts(AresError):
+    """No GPU host is registered, so a GPU task has nowhere to go."""
+
+
+class NvmlUnavailable(AresError):
+    """NVML (the NVIDIA driver library) is not present or not usable here."""
+
+
+class TopologyParseError(AresError, ValueError):
+    """``nvidia-smi topo -m`` text that cannot be read; names the bad line."""

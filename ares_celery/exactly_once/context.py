@@ -1,0 +1,99 @@
+"""What a running job knows about itself: ``ares.current()``.
+
+The context is registered per thread (greenlet under eventlet/gevent) and
+keyed by job id, because the result backend needs the fencing token at
+commit time, after the task body has returned but in the same thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AresError, LeaseLost
+
+if TYPE_CHECKING:
+    from .lease import LeaseGrant, LeaseKeeper
+
+_local = threading.local()
+
+
+@dataclass
+class JobContext:
+    """The running job: its ids, fencing token and lease state.
+
+    Pass :attr:`fencing_token` to your own stores and reject writes that
+    carry a smaller token than one already seen; that is what makes a side
+    effect outside the extension exactly-once.
+    """
+
+    job_id: str
+    request_id: str | None
+    fencing_token: int
+    task_name: str
+    grant: LeaseGrant | None = None
+    keeper: LeaseKeeper | None = field(default=None, repr=False)
+    released: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once this worker can no longer be sure it holds the lease."""
+        if self.keeper is None or self.grant is None:
+            return False
+        return not self.keeper.is_valid(self.grant)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the lease is gone: call it before a
+        long step or an external side effect to stop a zombie early."""
+        if self.lease_lost:
+            raise LeaseLost(
+                f"job {self.job_id}: lease for fencing token "
+                f"{self.fencing_token} is lost; another worker may own the "
+                "job now and this execution's commit will be rejected")
+
+
+def _registry() -> dict[str, JobContext]:
+    reg = getattr(_local, "jobs", None)
+    if reg is None:
+        reg = _local.jobs = {}
+    return reg
+
+
+def _stack() -> list[JobContext]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def register(ctx: JobContext) -> None:
+    _registry()[ctx.job_id] = ctx
+
+
+def unregister(job_id: str) -> JobContext | None:
+    return _registry().pop(job_id, None)
+
+
+def lookup(job_id: str) -> JobContext | None:
+    """The context of ``job_id`` if this thread is executing it."""
+    return _registry().get(job_id)
+
+
+def push(ctx: JobContext) -> None:
+    _stack().append(ctx)
+
+
+def pop() -> None:
+    stack = _stack()
+    if stack:
+        stack.pop()
+
+
+def current() -> JobContext:
+    """The context of the exactly-once job running in this thread."""
+    stack = _stack()
+    if not stack:
+        raise AresError("ares.current() called outside an exactly-once task")
+    return stack[-1]

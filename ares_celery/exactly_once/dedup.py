@@ -1,0 +1,143 @@
+"""Layer 1: request dedup in Redis.
+
+A submission is *reserved* with one atomic script (SET-NX semantics plus a
+claim timestamp), then the message is published, then the record is marked
+*published*. A duplicate that finds a fresh reservation waits for it to turn
+into *published*; one that finds a stale reservation (its client died
+between recording and publishing) takes the claim over and publishes itself,
+so the job is never lost. Publishing twice in that rare race is harmless:
+layers 2 and 3 make execution and commit exactly-once anyway.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+from ..errors import RequestIdConflict, ServiceUnavailable
+from .identity import Keys
+
+Outcome = Literal["reserved", "takeover", "published", "pending"]
+
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'job', ARGV[2], 'task', ARGV[3],
+             'digest', ARGV[4], 'state', 'reserved', 'owner', ARGV[1],
+             'at', now)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  return {'reserved', ARGV[2]}
+end
+local f = redis.call('HMGET', KEYS[1], 'job', 'task', 'digest', 'state', 'at')
+if f[2] ~= ARGV[3] or f[3] ~= ARGV[4] then
+  return {'conflict', f[1] or '', f[2] or ''}
+end
+if f[4] == 'published' then return {'published', f[1]} end
+if now - tonumber(f[5] or '0') > tonumber(ARGV[6]) then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'at', now)
+  return {'takeover', f[1]}
+end
+return {'pending', f[1]}
+"""
+
+_MARK_PUBLISHED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'published')
+  return 1
+end
+redis.call('HSET', KEYS[1], 'job', ARGV[1], 'task', ARGV[2],
+           'digest', ARGV[3], 'state', 'published')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 0
+"""
+
+_ROLLBACK = """
+local f = redis.call('HMGET', KEYS[1], 'owner', 'state')
+if f[1] == ARGV[1] and f[2] == 'reserved' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    outcome: Outcome
+    job_id: str
+    owner: str
+
+    @property
+    def must_publish(self) -> bool:
+        return self.outcome in ("reserved", "takeover")
+
+
+class DedupStore:
+    """Records submissions so duplicates publish nothing."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, ttl: int,
+                 claim_timeout: float, url: str = "") -> None:
+        self._redis = client
+        self._keys = keys
+        self._ttl = ttl
+        self._claim_ms = int(claim_timeout * 1000)
+        self._url = url
+        self._reserve = client.register_script(_RESERVE)
+        self._published = client.register_script(_MARK_PUBLISHED)
+        self._rollback = client.register_script(_ROLLBACK)
+
+    def reserve(self, request_id: str, job_id: str, task_name: str,
+                digest: str) -> Reservation:
+        """Claim the right to publish, or learn that someone else did.
+
+        Blocks (polling with a deadline) while another submitter holds a
+        fresh claim, so that a call that returns always means the message
+        is, or is being, published by a live client.
+        """
+        owner = uuid.uuid4().hex
+        key = self._keys.dedup(request_id)
+        deadline = time.monotonic() + self._claim_ms / 1000 + 5
+        pause = 0.001
+        while True:
+            outcome, *rest = self._call(
+                self._reserve, [key],
+                [owner, job_id, task_name, digest, self._ttl, self._claim_ms])
+            outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+            found = [r.decode() if isinstance(r, bytes) else r for r in rest]
+            if outcome == "conflict":
+                raise RequestIdConflict(
+                    f"request_id {request_id!r} already names job {found[0]} "
+                    f"of task {found[1]!r} with different arguments; "
+                    "use a new request id for different work")
+            if outcome != "pending":
+                return Reservation(outcome, found[0], owner)
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(
+                    f"request_id {request_id!r} stayed reserved but "
+                    "unpublished past the claim timeout; retry the submission")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def mark_published(self, request_id: str, job_id: str, task_name: str,
+                       digest: str) -> None:
+        self._call(self._published, [self._keys.dedup(request_id)],
+                   [job_id, task_name, digest, self._ttl])
+
+    def rollback(self, request_id: str, owner: str) -> None:
+        """Undo our reservation after a failed publish (the seed never did),
+        so the client's retry is not blocked for the claim timeout."""
+        try:
+            self._call(self._rollback, [self._keys.dedup(request_id)], [owner])
+        except ServiceUnavailable:
+            pass  # the claim goes stale by itself and a retry takes it over
+
+    def _call(self, script, keys, args):
+        try:
+            return script(keys=keys, args=args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ServiceUnavailable(
+                f"Redis unreachable at {self._url}: {exc}") from exc

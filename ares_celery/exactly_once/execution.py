@@ -1,0 +1,137 @@
+"""The worker side of a job: take the lease before the body, give it back
+after the commit, and defer (never drop) a message that cannot run now."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+from celery import Task as CeleryTask
+from celery.exceptions import Ignore
+
+from ..errors import AresError, ServiceUnavailable
+from . import context
+from .context import JobContext
+
+if TYPE_CHECKING:
+    from celery import Task
+
+    from ..services import Services
+
+logger = logging.getLogger("ares_celery.execution")
+
+REQUEST_ID_HEADER = "ares_request_id"
+WAITS_HEADER = "ares_lease_waits"
+
+
+def header(request: Any, name: str) -> Any:
+    """A custom message header, wherever this Celery version put it."""
+    value = request.get(name) if hasattr(request, "get") else None
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+class ExecutionStats:
+    """Per-process counters for tests, metrics and the CLI."""
+
+    acquired = 0
+    deferred = 0
+    skipped_committed = 0
+
+
+class JobRuntime:
+    """Runs the lease protocol around one task execution."""
+
+    def __init__(self, services: Services, backend_getter) -> None:
+        self._services = services
+        self._backend = backend_getter
+
+    def begin(self, task: Task) -> JobContext:
+        """Take the job's lock or raise :class:`Ignore` after deferring or
+        skipping it; the body runs only if this returns."""
+        request = task.request
+        job_id = request.id
+        services = self._services
+        try:
+            grant = services.keeper.current()
+            outcome = services.locks.acquire(job_id, grant)
+        except ServiceUnavailable as exc:
+            self._defer(task, f"etcd unavailable ({exc})")
+        if outcome.status == "committed":
+            self._skip(job_id)
+        if outcome.status == "held":
+            holder = outcome.holder or {}
+            self._defer(task, f"lock held by {holder.get('host')}:"
+                              f"{holder.get('pid')}")
+        token = outcome.token
+        backend = self._backend()
+        register_fence = getattr(backend, "register_fence", None)
+        if register_fence is not None:
+            try:
+                committed = register_fence(job_id, token)
+            except Exception as exc:  # noqa: BLE001 - any store error defers
+                self._release_quietly(job_id, token)
+                self._defer(task, f"result store unavailable ({exc})")
+            if committed:
+                self._release_quietly(job_id, token)
+                self._skip(job_id)
+        ExecutionStats.acquired += 1
+        ctx = JobContext(job_id=job_id,
+                         request_id=header(request, REQUEST_ID_HEADER),
+                         fencing_token=token, task_name=task.name,
+                         grant=grant, keeper=services.keeper)
+        context.register(ctx)
+        return ctx
+
+    def finish(self, job_id: str) -> None:
+        """After the result is stored (or the run deferred): release."""
+        ctx = context.unregister(job_id)
+        if ctx is None or ctx.released:
+            return
+        self._release_quietly(job_id, ctx.fencing_token)
+
+    # -- internals -------------------------------------------------------
+
+    def _release_quietly(self, job_id: str, token: int) -> None:
+        try:
+            self._services.locks.release(job_id, token)
+        except ServiceUnavailable as exc:
+            logger.warning("ares: could not release job %s (%s); it frees "
+                           "itself when the worker's lease expires", job_id,
+                           exc)
+
+    def _skip(self, job_id: str) -> None:
+        ExecutionStats.skipped_committed += 1
+        logger.info("ares: job %s already committed; message acked, "
+                    "not run again", job_id)
+        raise Ignore()
+
+    def _defer(self, task: Task, why: str) -> None:
+        """Re-publish the same job with a back-off and ack this delivery.
+
+        If the lock holder dies, its lease expires within the TTL and one of
+        these deferred copies takes over; if it commits, they are skipped.
+        """
+        request = task.request
+        if request.is_eager:
+            raise AresError(f"job {request.id} cannot run now: {why}")
+        waits = int(header(request, WAITS_HEADER) or 0)
+        max_delay = self._services.settings.lease_retry_max_delay
+        delay = min(max_delay, 0.2 * (2 ** min(waits, 16)))
+        delay *= random.uniform(0.8, 1.2)
+        headers = dict(request.headers or {})
+        headers[WAITS_HEADER] = waits + 1
+        rid = header(request, REQUEST_ID_HEADER)
+        if rid is not None:
+            headers[REQUEST_ID_HEADER] = rid
+        ExecutionStats.deferred += 1
+        logger.info("ares: job %s deferred %.2fs (wait #%d): %s",
+                    request.id, delay, waits + 1, why)
+        sig = task.signature_from_request(request, countdown=delay,
+                                          headers=headers)
+        # Straight to Celery: the submit path's etcd check must not block
+        # deferring a job exactly when etcd is down.
+        CeleryTask.apply_async(task, sig.args, sig.kwargs, **sig.options)
+        raise Ignore()

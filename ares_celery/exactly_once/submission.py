@@ -1,0 +1,63 @@
+"""The client side: turn ``apply_async(..., request_id=...)`` into at most
+one published message per request id."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+from kombu.exceptions import OperationalError
+
+from ..errors import InvalidRequestId, ServiceUnavailable
+from .execution import REQUEST_ID_HEADER
+from .identity import job_id_for, submission_digest, validate_request_id
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
+
+    from ..services import Services
+
+
+class Submitter:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def submit(self, task: Task, args: Any, kwargs: Any,
+               task_id: str | None, request_id: Any,
+               options: dict[str, Any]) -> AsyncResult:
+        services = self._services
+        if request_id is None:
+            services.require_etcd()
+            return self._publish(task, args, kwargs, task_id, options)
+        rid = validate_request_id(request_id)
+        job_id = job_id_for(services.settings.namespace, rid)
+        if task_id is not None and task_id != job_id:
+            raise InvalidRequestId(
+                f"task_id {task_id!r} contradicts request_id {rid!r} (whose "
+                f"job id is {job_id}); pass only one of them")
+        services.require_etcd()
+        digest = submission_digest(task.name, args, kwargs)
+        reservation = services.dedup.reserve(rid, job_id, task.name, digest)
+        if not reservation.must_publish:
+            return task.AsyncResult(job_id)
+        headers = dict(options.pop("headers", None) or {})
+        headers[REQUEST_ID_HEADER] = rid
+        try:
+            result = self._publish(task, args, kwargs, job_id,
+                                   dict(options, headers=headers))
+        except BaseException:
+            services.dedup.rollback(rid, reservation.owner)
+            raise
+        services.dedup.mark_published(rid, job_id, task.name, digest)
+        return result
+
+    @staticmethod
+    def _publish(task: Task, args: Any, kwargs: Any, task_id: str | None,
+                 options: dict[str, Any]) -> AsyncResult:
+        try:
+            return Task.apply_async(task, args, kwargs, task_id=task_id,
+                                    **options)
+        except OperationalError as exc:
+            broker = task.app.conf.broker_url
+            raise ServiceUnavailable(
+                f"broker unreachable at {broker}: {exc}") from exc

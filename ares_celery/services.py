@@ -1,0 +1,92 @@
+"""Per-process connections to Redis and etcd and the process lease.
+
+Everything here is created lazily in the process that uses it and rebuilt
+when the pid changes, because sockets, HTTP sessions and the lease
+keep-alive thread must never be shared across ``fork`` (prefork pool).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import redis
+
+from .clients import redis as redis_clients
+from .clients.etcd import EtcdGateway
+from .exactly_once.dedup import DedupStore
+from .exactly_once.identity import Keys
+from .exactly_once.lease import LeaseKeeper
+from .exactly_once.lock import JobLocks
+from .settings import AresSettings
+
+_ETCD_HEALTH_CACHE_S = 2.0
+
+
+class Services:
+    """Lazily built clients for one process."""
+
+    def __init__(self, settings: AresSettings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._pid = -1
+        self._guard = threading.Lock()
+        self._etcd_ok_until = 0.0
+
+    def _ensure(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._guard:
+            if self._pid == os.getpid():
+                return
+            s = self.settings
+            self._redis = redis_clients.connect(
+                s.redis_url, max_connections=s.redis_max_connections)
+            self._etcd = EtcdGateway(s.etcd_endpoints, s.etcd_timeout)
+            self._keeper = LeaseKeeper(self._etcd, s.lease_ttl)
+            self._dedup = DedupStore(
+                self._redis, self.keys, s.dedup_ttl, s.dedup_claim_timeout,
+                url=redis_clients.redact_url(s.redis_url))
+            self._locks = JobLocks(self._etcd, self.keys,
+                                   check_done_marker=s.result_store == "etcd")
+            self._etcd_ok_until = 0.0
+            self._pid = os.getpid()
+
+    @property
+    def redis(self) -> redis.Redis:
+        self._ensure()
+        return self._redis
+
+    @property
+    def etcd(self) -> EtcdGateway:
+        self._ensure()
+        return self._etcd
+
+    @property
+    def keeper(self) -> LeaseKeeper:
+        self._ensure()
+        return self._keeper
+
+    @property
+    def dedup(self) -> DedupStore:
+        self._ensure()
+        return self._dedup
+
+    @property
+    def locks(self) -> JobLocks:
+        self._ensure()
+        return self._locks
+
+    def require_etcd(self) -> None:
+        """Fail closed if etcd is unreachable (cached for a moment, so a
+        burst of submissions costs one health check)."""
+        now = time.monotonic()
+        if now < self._etcd_ok_until:
+            return
+        self.etcd.status()
+        self._etcd_ok_until = now + _ETCD_HEALTH_CACHE_S
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            self._keeper.close()
