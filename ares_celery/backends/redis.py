@@ -16,8 +16,6 @@ from ..exactly_once.identity import Keys
 from .fencing import TERMINAL_STATES, CommitStats, report_rejected, token_for
 
 _COMMIT = """
-local committed = redis.call('HGET', KEYS[2], 'committed')
-if committed then return {0, 'duplicate', committed} end
 local token = tonumber(ARGV[3])
 if token > 0 then
   local fence = tonumber(redis.call('HGET', KEYS[2], 'fence') or '0')
@@ -29,6 +27,8 @@ if token > 0 then
     return {0, 'fenced', tostring(fence)}
   end
 end
+local committed = redis.call('HGET', KEYS[2], 'committed')
+if committed then return {0, 'duplicate', committed} end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)

@@ -22,15 +22,19 @@ def redact_url(url: str) -> str:
 
 def connect(url: str, max_connections: int = 16,
             socket_timeout: float = 5.0) -> redis.Redis:
-    """A client with a deliberately small pool.
+    """A client with a deliberately small, *blocking* pool.
 
     redis-py 8 defaults to 100 connections per pool; a prefork worker has one
-    pool per child, so the default multiplies quickly. The pool re-creates
-    its connections after ``fork`` by itself (it checks the pid).
+    pool per child, so the default multiplies quickly. A blocking pool makes
+    a burst of client threads queue for a connection instead of failing with
+    "Too many connections". The pool re-creates its connections after
+    ``fork`` by itself (it checks the pid).
     """
-    return redis.Redis.from_url(
-        url, max_connections=max_connections, socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout, health_check_interval=30)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=socket_timeout,
+        socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+        health_check_interval=30)
+    return redis.Redis(connection_pool=pool)
 
 
 @contextmanager

@@ -1,0 +1,96 @@
+"""The Celery app that test workers (in-process and subprocess) run.
+
+Configuration comes from the environment so that a ``celery worker``
+subprocess started by a fault test talks to the test session's private
+Redis and etcd. Every task records each execution in Redis so that tests
+can count executions across processes, and writes its side effect fenced
+by ``ares.current().fencing_token`` (the pattern we show users).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import redis
+from celery import Celery
+
+from ares_celery import Ares
+
+
+def make_app(name: str = "jobs", **overrides) -> tuple[Celery, Ares]:
+    broker = overrides.pop("broker", None) or os.environ["ARES_TEST_BROKER"]
+    app = Celery(name, broker=broker)
+    app.conf.update(
+        ares_etcd_endpoints=os.environ.get("ARES_TEST_ETCD", "127.0.0.1:2379")
+        .split(","),
+        ares_lease_ttl=int(os.environ.get("ARES_TEST_LEASE_TTL", "3")),
+        broker_transport_options={
+            "visibility_timeout": int(os.environ.get("ARES_TEST_VISIBILITY",
+                                                     "6")),
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        },
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    app.conf.update(overrides)
+    return app, Ares(app)
+
+
+app, ares = make_app()
+_store = redis.Redis.from_url(os.environ["ARES_TEST_BROKER"])
+
+
+def record_execution(job_id: str, token: int) -> None:
+    _store.rpush(f"test:exec:{job_id}", json.dumps(
+        {"pid": os.getpid(), "token": token, "at": time.time()}))
+
+
+def fenced_side_effect(job_id: str, token: int, value: str) -> bool:
+    """Write ``value`` only if no holder with a newer token wrote first: the
+    user-side half of fencing (a compare on the token in our own store)."""
+    script = """
+    local cur = tonumber(redis.call('HGET', KEYS[1], 'token') or '0')
+    if tonumber(ARGV[1]) < cur then return 0 end
+    redis.call('HSET', KEYS[1], 'token', ARGV[1], 'value', ARGV[2])
+    return 1
+    """
+    return bool(_store.eval(script, 1, f"test:effect:{job_id}", token, value))
+
+
+@ares.task(name="jobs.record")
+def record(value):
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    fenced_side_effect(ctx.job_id, ctx.fencing_token, str(value))
+    return {"value": value, "token": ctx.fencing_token, "pid": os.getpid(),
+            "request_id": ctx.request_id}
+
+
+@ares.task(name="jobs.blocking")
+def blocking(value, timeout=120):
+    """Signals that it started, then blocks until the test releases this
+    execution (by token) or the job (any token)."""
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    _store.rpush(f"test:started:{ctx.job_id}", json.dumps(
+        {"pid": os.getpid(), "token": ctx.fencing_token}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _store.exists(f"test:release:{ctx.job_id}:{ctx.fencing_token}",
+                         f"test:release:{ctx.job_id}"):
+            break
+        time.sleep(0.02)
+    fenced_side_effect(ctx.job_id, ctx.fencing_token, str(value))
+    return {"value": value, "token": ctx.fencing_token, "pid": os.getpid(),
+            "lease_lost": ctx.lease_lost}
+
+
+@ares.task(name="jobs.fail")
+def fail(message):
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    raise ValueError(message)

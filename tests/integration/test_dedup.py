@@ -1,0 +1,179 @@
+"""Layer 1 against a real Redis and etcd: duplicates publish nothing."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from ares_celery import InvalidRequestId, RequestIdConflict, ServiceUnavailable
+from ares_celery.exactly_once.identity import job_id_for
+from tests.processes import ROOT, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def queued(store, queue="celery"):
+    return [json.loads(m) for m in store.lrange(queue, 0, -1)]
+
+
+def test_same_request_id_same_job_one_message(jobs, store):
+    r1 = jobs.record.apply_async(("a",), request_id="order-77")
+    r2 = jobs.record.apply_async(("a",), request_id="order-77")
+    assert r1.id == r2.id == job_id_for("ares", "order-77")
+    messages = queued(store)
+    assert len(messages) == 1
+    assert messages[0]["headers"]["id"] == r1.id
+    assert messages[0]["headers"]["ares_request_id"] == "order-77"
+
+
+def test_different_request_ids_are_different_jobs(jobs, store):
+    ids = {jobs.record.apply_async((i,), request_id=f"r-{i}").id
+           for i in range(5)}
+    assert len(ids) == 5 and len(queued(store)) == 5
+
+
+def test_reused_request_id_with_other_arguments_conflicts(jobs, store):
+    jobs.record.apply_async(("a",), request_id="order-1")
+    with pytest.raises(RequestIdConflict, match="order-1"):
+        jobs.record.apply_async(("b",), request_id="order-1")
+    assert len(queued(store)) == 1
+
+
+def test_bad_request_id_raises_before_anything_is_sent(jobs, store):
+    with pytest.raises(InvalidRequestId):
+        jobs.record.apply_async(("a",), request_id="")
+    with pytest.raises(InvalidRequestId, match="contradicts"):
+        jobs.record.apply_async(("a",), request_id="x", task_id="other-id")
+    assert queued(store) == []
+
+
+def test_fifty_concurrent_threads_one_message(jobs, store):
+    barrier = threading.Barrier(50)
+    ids, errors = [], []
+
+    def submit():
+        try:
+            barrier.wait()
+            ids.append(jobs.record.apply_async(("t",), request_id="burst").id)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(ids) == 50 and len(set(ids)) == 1
+    assert len(queued(store)) == 1
+
+
+def _submit_from_process(barrier, out):
+    from tests.apps import jobs
+
+    barrier.wait()
+    out.put(jobs.record.apply_async(("p",), request_id="multi-proc").id)
+
+
+def test_concurrent_processes_one_message(jobs, store):
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_submit_from_process, args=(barrier, out))
+             for _ in range(6)]
+    for p in procs:
+        p.start()
+    ids = {out.get(timeout=60) for _ in procs}
+    for p in procs:
+        p.join(30)
+    assert ids == {job_id_for("ares", "multi-proc")}
+    assert len(queued(store)) == 1
+
+
+def test_client_killed_between_record_and_publish_does_not_lose_job(
+        jobs, store):
+    """A real client process records the request, then is SIGKILLed while
+    publishing; a retry after the claim timeout publishes the job."""
+    script = textwrap.dedent("""
+        import os, sys, time
+        from celery import Task
+        from tests.apps import jobs
+        jobs.app.conf.ares_dedup_claim_timeout = 1
+        def hang(*a, **k):
+            print("reserved", flush=True)
+            time.sleep(600)
+        Task.apply_async = hang
+        jobs.record.apply_async(("k",), request_id="killed-client")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
+                            stdout=subprocess.PIPE, env=dict(os.environ))
+    assert proc.stdout.readline().strip() == b"reserved"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert queued(store) == []
+    record = store.hgetall("ares:dedup:killed-client")
+    assert record[b"state"] == b"reserved"
+
+    dedup = jobs.ares.services.dedup
+    dedup._claim_ms = 300
+    try:
+        result = jobs.record.apply_async(("k",), request_id="killed-client")
+    finally:
+        dedup._claim_ms = 5000
+    assert result.id == job_id_for("ares", "killed-client")
+    assert len(queued(store)) == 1
+    assert store.hget("ares:dedup:killed-client", "state") == b"published"
+
+
+def test_failed_publish_rolls_back_the_reservation(jobs, store, monkeypatch):
+    from celery import Task
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broker exploded")
+
+    monkeypatch.setattr(Task, "apply_async", broken)
+    with pytest.raises(RuntimeError):
+        jobs.record.apply_async(("x",), request_id="rollback")
+    assert not store.exists("ares:dedup:rollback")
+    monkeypatch.undo()
+    jobs.record.apply_async(("x",), request_id="rollback")
+    assert len(queued(store)) == 1
+
+
+def test_unreachable_redis_fails_closed_with_address(jobs, redis_server):
+    redis_server.stop()
+    try:
+        with pytest.raises(ServiceUnavailable,
+                           match=f"127.0.0.1:{redis_server.port}"):
+            jobs.record.apply_async(("x",), request_id="no-redis")
+    finally:
+        redis_server.start()
+
+
+def test_unreachable_etcd_fails_closed_with_address(jobs, etcd_server):
+    etcd_server.stop()
+    jobs.ares.services._etcd_ok_until = 0
+    try:
+        with pytest.raises(ServiceUnavailable,
+                           match=f"127.0.0.1:{etcd_server.client_port}"):
+            jobs.record.apply_async(("x",), request_id="no-etcd")
+        with pytest.raises(ServiceUnavailable, match="etcd"):
+            jobs.record.delay("x")
+    finally:
+        etcd_server.start()
+        wait_for(lambda: _etcd_ok(jobs), 10, "etcd back")
+
+
+def _etcd_ok(jobs):
+    try:
+        jobs.ares.services.etcd.status()
+        return True
+    except ServiceUnavailable:
+        return False

@@ -1,0 +1,96 @@
+"""Layers 2 and 3 with a real in-process worker, Redis and etcd."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from celery import Task
+
+from ares_celery.exactly_once.execution import ExecutionStats
+from tests.processes import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def executions(store, job_id):
+    return [json.loads(x) for x in store.lrange(f"test:exec:{job_id}", 0, -1)]
+
+
+def test_job_runs_once_and_result_comes_back(jobs, worker, store):
+    r1 = jobs.record.apply_async(("a",), request_id="order-77")
+    r2 = jobs.record.apply_async(("a",), request_id="order-77")
+    value = r1.get(timeout=20)
+    assert r2.get(timeout=5) == value
+    assert value["value"] == "a" and value["request_id"] == "order-77"
+    assert isinstance(value["token"], int) and value["token"] > 0
+    assert len(executions(store, r1.id)) == 1
+    assert store.hget(f"ares:job:{r1.id}", "committed") == \
+        str(value["token"]).encode()
+
+
+def test_delay_without_request_id_is_still_fenced(jobs, worker, store):
+    result = jobs.record.delay("plain")
+    value = result.get(timeout=20)
+    assert value["request_id"] is None and value["token"] > 0
+    assert store.hget(f"ares:job:{result.id}", "committed") is not None
+
+
+def test_redelivered_message_after_commit_is_skipped(jobs, worker, store):
+    first = jobs.record.apply_async(("once",), request_id="redeliver")
+    committed = first.get(timeout=20)
+    skipped_before = ExecutionStats.skipped_committed
+    # Publish the same job's message again, as a broker redelivery would.
+    Task.apply_async(jobs.record, ("twice",), task_id=first.id)
+    wait_for(lambda: ExecutionStats.skipped_committed > skipped_before, 20,
+             "the duplicate message to be skipped")
+    assert len(executions(store, first.id)) == 1
+    assert first.get(timeout=5) == committed
+    assert store.llen("celery") == 0  # acked, not left behind
+
+
+def test_job_whose_lock_is_held_elsewhere_waits_then_runs(
+        jobs, worker, store, etcd):
+    """A foreign lease holds the job's lock: the message is deferred (not
+    run, not dropped) and runs once the holder's lease is gone."""
+    job_id = "held-job-1"
+    lease = etcd.grant_lease(30)
+    etcd.put(f"/ares/locks/{job_id}", json.dumps({"host": "other"}),
+             lease=lease)
+    deferred_before = ExecutionStats.deferred
+    result = Task.apply_async(jobs.record, ("late",), task_id=job_id)
+    wait_for(lambda: ExecutionStats.deferred >= deferred_before + 2, 20,
+             "at least two deferrals")
+    assert executions(store, job_id) == []
+    etcd.revoke_lease(lease)  # the holder dies
+    value = result.get(timeout=30)
+    assert value["value"] == "late"
+    assert len(executions(store, job_id)) == 1
+
+
+def test_failure_is_committed_once_with_traceback(jobs, worker, store):
+    result = jobs.fail.apply_async(("boom",), request_id="fails")
+    with pytest.raises(ValueError, match="boom"):
+        result.get(timeout=20)
+    assert result.state == "FAILURE" and "ValueError" in result.traceback
+    assert store.hget(f"ares:job:{result.id}", "state") == b"FAILURE"
+    Task.apply_async(jobs.fail, ("boom",), task_id=result.id)
+    wait_for(lambda: store.llen("celery") == 0, 10, "duplicate consumed")
+    wait_for(lambda: ExecutionStats.skipped_committed > 0, 10, "skip")
+    assert len(executions(store, result.id)) == 1
+
+
+def test_etcd_down_at_execution_defers_until_it_returns(
+        jobs, worker, store, etcd_server):
+    etcd_server.stop()
+    try:
+        deferred_before = ExecutionStats.deferred
+        result = Task.apply_async(jobs.record, ("later",))
+        wait_for(lambda: ExecutionStats.deferred > deferred_before, 30,
+                 "a deferral while etcd is down")
+        assert executions(store, result.id) == []
+    finally:
+        etcd_server.start()
+    value = result.get(timeout=40)
+    assert value["value"] == "later"
+    assert len(executions(store, result.id)) == 1

@@ -1,0 +1,90 @@
+"""Real ``celery worker`` subprocesses for fault tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class WorkerProcess:
+    """``celery -A tests.apps.jobs worker`` in its own process group."""
+
+    def __init__(self, app, name: str | None = None, concurrency: int = 1,
+                 pool: str = "prefork", env: dict | None = None) -> None:
+        self.app = app
+        self.name = name or f"w{uuid.uuid4().hex[:6]}@test"
+        self.concurrency = concurrency
+        self.pool = pool
+        self.env = dict(os.environ, **(env or {}))
+        self.log = Path(tempfile.mkstemp(prefix="ares-worker-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> WorkerProcess:
+        cmd = [sys.executable, "-m", "celery", "-A", "tests.apps.jobs",
+               "worker", "-n", self.name, "-P", self.pool,
+               "-c", str(self.concurrency), "-l", "info",
+               "--without-mingle", "--without-gossip"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._ready, timeout, f"worker {self.name} ready")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited:\n{self.tail()}")
+        return bool(self.app.control.ping([self.name], timeout=0.5))
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def signal_group(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: main process and pool children."""
+        if self.proc and self.proc.poll() is None:
+            self.signal_group(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        self.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal_group(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.resume()
+        self.signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
