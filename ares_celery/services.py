@@ -89,4 +89,5 @@ class Services:
 
     def close(self) -> None:
         if self._pid == os.getpid():
+            self._locks.flush()
             self._keeper.close()

@@ -29,9 +29,8 @@ from ..clients.etcd import (
     op_put,
     op_range,
 )
-from ..exactly_once import context
 from ..exactly_once.identity import Keys
-from .fencing import TERMINAL_STATES, CommitStats, report_rejected, token_for
+from .fencing import TERMINAL_STATES, mark_committed, report_rejected, token_for
 
 
 class FencedEtcdBackend(KeyValueStoreBackend):
@@ -114,8 +113,7 @@ class FencedEtcdBackend(KeyValueStoreBackend):
                                 failure=[op_range(done_key)])
         if outcome.succeeded:
             if terminal:
-                CommitStats.accepted += 1
-                ctx_released(task_id)
+                mark_committed(task_id, lock_released=bool(token))
             return result
         done = outcome.ranges()[0] if outcome.ranges() else []
         if done:
@@ -136,9 +134,3 @@ class FencedEtcdBackend(KeyValueStoreBackend):
         kv = self.etcd.get(self._keys.done(job_id))
         return str(json.loads(kv.value).get("token")) if kv else None
 
-
-def ctx_released(task_id: str) -> None:
-    """The commit Txn deleted the lock; don't release it a second time."""
-    ctx = context.lookup(task_id)
-    if ctx is not None:
-        ctx.released = True

@@ -47,3 +47,13 @@ def report_rejected(task_id: str, state: str, token: int, reason: str,
         CommitStats.duplicate += 1
         logger.info("ares: job %s already committed (token %s); %s write "
                     "with token %s dropped", task_id, current, state, token)
+
+
+def mark_committed(task_id: str, lock_released: bool = False) -> None:
+    """Tell the running job its commit was accepted, so its lock can be
+    dropped lazily (nobody needs it once the result is committed)."""
+    CommitStats.accepted += 1
+    ctx = context.lookup(task_id)
+    if ctx is not None:
+        ctx.committed = True
+        ctx.released = ctx.released or lock_released

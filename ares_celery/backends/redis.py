@@ -13,7 +13,7 @@ from celery.backends.redis import RedisBackend
 from kombu.utils.encoding import bytes_to_str
 
 from ..exactly_once.identity import Keys
-from .fencing import TERMINAL_STATES, CommitStats, report_rejected, token_for
+from .fencing import TERMINAL_STATES, mark_committed, report_rejected, token_for
 
 _COMMIT = """
 local token = tonumber(ARGV[3])
@@ -97,7 +97,7 @@ class FencedRedisBackend(RedisBackend):
             accepted = True  # our own commit, retried after a lost reply
         if accepted:
             if terminal:
-                CommitStats.accepted += 1
+                mark_committed(task_id)
         else:
             report_rejected(task_id, state, token, reason, current)
         return result

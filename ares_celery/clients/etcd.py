@@ -174,9 +174,17 @@ class EtcdGateway:
         if client is None:
             host, port = self.endpoints[index]
             ca, key, cert = self._tls
+            session = requests.Session()
+            # No per-request proxy/netrc lookups in the environment: they
+            # cost more than the etcd round trip itself on loopback.
+            session.trust_env = False
+            if ca is not None:
+                session.verify = ca
+            if cert is not None and key is not None:
+                session.cert = (cert, key)
             client = Etcd3Client(host=host, port=port, protocol=self._protocol,
-                                 ca_cert=ca, cert_key=key, cert_cert=cert,
-                                 timeout=self.timeout, api_path="/v3/")
+                                 timeout=self.timeout, api_path="/v3/",
+                                 session=session)
             clients[index] = client
         return client
 

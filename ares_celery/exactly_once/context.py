@@ -35,6 +35,7 @@ class JobContext:
     grant: LeaseGrant | None = None
     keeper: LeaseKeeper | None = field(default=None, repr=False)
     released: bool = False
+    committed: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

@@ -90,7 +90,10 @@ class JobRuntime:
         ctx = context.unregister(job_id)
         if ctx is None or ctx.released:
             return
-        self._release_quietly(job_id, ctx.fencing_token)
+        if ctx.committed:
+            self._services.locks.discard_after_commit(job_id)
+        else:
+            self._release_quietly(job_id, ctx.fencing_token)
 
     # -- internals -------------------------------------------------------
 

@@ -9,8 +9,11 @@ holder always has a larger token than any earlier one.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Literal
@@ -22,8 +25,16 @@ from ..clients.etcd import (
     op_put,
     op_range,
 )
+from ..errors import ServiceUnavailable
 from .identity import Keys
 from .lease import LeaseGrant
+
+logger = logging.getLogger(__name__)
+
+#: Locks of committed jobs are deleted in batches of at most this many keys,
+#: at most this long after the commit.
+RELEASE_BATCH = 128
+RELEASE_DELAY_S = 0.02
 
 Status = Literal["acquired", "held", "committed"]
 
@@ -45,6 +56,9 @@ class JobLocks:
         self._keys = keys
         self._check_done = check_done_marker
         self._host = socket.gethostname()
+        self._pending: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._releaser: threading.Thread | None = None
+        self._releaser_guard = threading.Lock()
 
     def acquire(self, job_id: str, grant: LeaseGrant) -> LockOutcome:
         lock_key = self._keys.lock(job_id)
@@ -86,3 +100,57 @@ class JobLocks:
         result = self._etcd.txn(compare=[cmp_create_revision(lock_key, token)],
                                 success=[op_delete(lock_key)])
         return result.succeeded
+
+    def discard_after_commit(self, job_id: str) -> None:
+        """Drop a committed job's lock off the critical path.
+
+        Once the result is committed nobody needs the lock (any later
+        message for the job is skipped as committed), so an unconditional
+        delete is safe here and many can share one etcd transaction. If the
+        process dies first, the lock goes with its lease.
+        """
+        self._pending.put(self._keys.lock(job_id))
+        if self._releaser is None or not self._releaser.is_alive():
+            with self._releaser_guard:
+                if self._releaser is None or not self._releaser.is_alive():
+                    self._releaser = threading.Thread(
+                        target=self._release_loop, daemon=True,
+                        name="ares-lock-release")
+                    self._releaser.start()
+
+    def flush(self) -> None:
+        """Delete every queued lock now (worker shutdown)."""
+        batch = self._drain(block=False)
+        while batch:
+            self._delete_batch(batch)
+            batch = self._drain(block=False)
+
+    def _drain(self, block: bool) -> list[str]:
+        keys: list[str] = []
+        try:
+            keys.append(self._pending.get(block=block, timeout=1.0 if block
+                                          else None))
+        except queue.Empty:
+            return keys
+        while len(keys) < RELEASE_BATCH:
+            try:
+                keys.append(self._pending.get(timeout=RELEASE_DELAY_S))
+            except queue.Empty:
+                break
+        return list(dict.fromkeys(keys))  # a txn may touch a key only once
+
+    def _delete_batch(self, keys: list[str]) -> None:
+        try:
+            self._etcd.txn(compare=[], success=[op_delete(k) for k in keys])
+        except ServiceUnavailable as exc:
+            logger.warning("ares: could not delete %d committed locks (%s); "
+                           "retrying", len(keys), exc)
+            for key in keys:
+                self._pending.put(key)
+            threading.Event().wait(0.5)
+
+    def _release_loop(self) -> None:
+        while True:
+            batch = self._drain(block=True)
+            if batch:
+                self._delete_batch(batch)

@@ -94,3 +94,12 @@ def test_etcd_down_at_execution_defers_until_it_returns(
     value = result.get(timeout=40)
     assert value["value"] == "later"
     assert len(executions(store, result.id)) == 1
+
+
+def test_locks_of_committed_jobs_are_removed(jobs, worker, etcd):
+    results = [jobs.record.apply_async((i,), request_id=f"gc-{i}")
+               for i in range(20)]
+    for r in results:
+        r.get(timeout=20)
+    wait_for(lambda: etcd.count_prefix("/ares/locks/") == 0, 10,
+             "committed jobs' locks to be deleted")

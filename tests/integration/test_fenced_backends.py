@@ -1,0 +1,136 @@
+"""The atomic commit of both fenced backends, against the real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+import redis as redis_lib
+
+from ares_celery.exactly_once import context
+from ares_celery.exactly_once.context import JobContext
+from ares_celery.exactly_once.identity import Keys
+from ares_celery.exactly_once.lock import JobLocks
+
+pytestmark = pytest.mark.integration
+
+
+def as_holder(job_id, token):
+    """Make this thread look like the executor of ``job_id`` at ``token``."""
+    ctx = JobContext(job_id=job_id, request_id=None, fencing_token=token,
+                     task_name="t")
+    context.register(ctx)
+    return ctx
+
+
+def test_redis_commit_is_write_once_and_fenced(jobs, store):
+    app, _ = jobs.make_app("fence-redis")
+    backend = app.backend
+    assert backend.register_fence("job-1", 10) is None
+    # A zombie with an older token is rejected and recorded.
+    as_holder("job-1", 7)
+    backend.store_result("job-1", "zombie", "SUCCESS")
+    context.unregister("job-1")
+    assert backend.get_task_meta("job-1")["status"] == "PENDING"
+    entry = store.xrange("ares:fenced")[0][1]
+    assert entry[b"token"] == b"7" and entry[b"fence"] == b"10"
+    # The current holder commits, and PUBLISHes like Celery's backend.
+    pubsub = redis_lib.Redis.from_url(os.environ["ARES_TEST_BROKER"]).pubsub()
+    pubsub.subscribe(backend.get_key_for_task("job-1"))
+    pubsub.get_message(timeout=1)
+    ctx = as_holder("job-1", 10)
+    backend.store_result("job-1", "winner", "SUCCESS")
+    assert ctx.committed
+    message = pubsub.get_message(timeout=5)
+    assert json.loads(message["data"])["result"] == "winner"
+    # Nothing overwrites it: not a second commit, not a later state.
+    backend.store_result("job-1", "again", "FAILURE")
+    backend.store_result("job-1", None, "STARTED")
+    context.unregister("job-1")
+    meta = backend.get_task_meta("job-1")
+    assert (meta["status"], meta["result"]) == ("SUCCESS", "winner")
+    assert backend.register_fence("job-1", 11) == "10"  # committed: skip
+
+
+def test_redis_commit_race_writes_once(jobs, store):
+    """Eight writers race to commit the same job: exactly one write and one
+    PUBLISH happen (a check-then-set would let several through)."""
+    app, _ = jobs.make_app("race-redis")
+    backend = app.backend
+    backend.register_fence("job-r", 5)
+    pubsub = redis_lib.Redis.from_url(os.environ["ARES_TEST_BROKER"]).pubsub()
+    pubsub.subscribe(backend.get_key_for_task("job-r"))
+    pubsub.get_message(timeout=1)
+    barrier = threading.Barrier(8)
+
+    def writer(i):
+        as_holder("job-r", 5)
+        barrier.wait()
+        backend.store_result("job-r", f"w{i}", "SUCCESS")
+        context.unregister("job-r")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    published = []
+    while (message := pubsub.get_message(timeout=0.5)) is not None:
+        published.append(json.loads(message["data"])["result"])
+    assert len(published) == 1
+    assert backend.get_task_meta("job-r")["result"] == published[0]
+
+
+def test_etcd_commit_checks_the_lock_revision(jobs, etcd):
+    app, _ = jobs.make_app("fence-etcd", ares_result_store="etcd")
+    backend = app.backend
+    assert type(backend).__name__ == "FencedEtcdBackend"
+    locks = JobLocks(etcd, Keys("ares"), check_done_marker=True)
+    from ares_celery.exactly_once.lease import LeaseGrant
+
+    old = LeaseGrant(etcd.grant_lease(30), 1)
+    first = locks.acquire("job-e", old)
+    assert first.status == "acquired"
+    etcd.revoke_lease(old.lease_id)          # the holder's lease expires
+    new = LeaseGrant(etcd.grant_lease(30), 2)
+    second = locks.acquire("job-e", new)
+    assert second.status == "acquired" and second.token > first.token
+
+    as_holder("job-e", first.token)           # zombie commit: rejected
+    backend.store_result("job-e", "zombie", "SUCCESS")
+    context.unregister("job-e")
+    assert backend.get_task_meta("job-e")["status"] == "PENDING"
+    assert etcd.get(f"/ares/fenced/job-e/{first.token}") is not None
+
+    ctx = as_holder("job-e", second.token)    # the live holder commits
+    backend.store_result("job-e", "winner", "SUCCESS")
+    context.unregister("job-e")
+    assert ctx.committed and ctx.released     # same Txn deleted the lock
+    assert etcd.get("/ares/locks/job-e") is None
+    assert backend.get_task_meta("job-e")["result"] == "winner"
+    third = locks.acquire("job-e", new)
+    assert third.status == "committed"        # later messages are skipped
+    assert etcd.get("/ares/locks/job-e") is None
+
+
+def test_etcd_store_end_to_end(jobs, store):
+    from celery.contrib.testing.worker import start_worker
+
+    app, ares = jobs.make_app("e2e-etcd", ares_result_store="etcd",
+                         result_backend=None)
+
+    @ares.task(name="etcd.echo")
+    def echo(x):
+        jobs.record_execution(ares.current().job_id, 0)
+        return {"x": x, "token": ares.current().fencing_token}
+
+    app.loader.import_task_module("celery.contrib.testing.tasks")
+    with start_worker(app, pool="threads", concurrency=2,
+                      perform_ping_check=False, shutdown_timeout=20):
+        r1 = echo.apply_async((3,), request_id="etcd-1")
+        r2 = echo.apply_async((3,), request_id="etcd-1")
+        assert r1.id == r2.id
+        assert r1.get(timeout=20, interval=0.05)["x"] == 3
+    assert store.llen(f"test:exec:{r1.id}") == 1
