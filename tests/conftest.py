@@ -75,13 +75,36 @@ def jobs(services):
     return module
 
 
-@pytest.fixture()
-def worker(jobs):
-    """An in-process worker (Celery's own ``start_worker``, the engine of the
-    classic ``celery_worker`` fixture) with a thread pool."""
-    from celery.contrib.testing.worker import start_worker
+# The classic in-process worker fixture from Celery's own pytest plugin,
+# imported explicitly: pytest-celery 1.x replaces ``celery_worker`` with a
+# Docker-based one, which cannot run here and would not be a real service
+# of this test session anyway.
+from celery.contrib.pytest import celery_worker  # noqa: E402,F401
 
-    jobs.app.loader.import_task_module("celery.contrib.testing.tasks")
-    with start_worker(jobs.app, pool="threads", concurrency=2,
-                      perform_ping_check=True, shutdown_timeout=20) as w:
-        yield w
+
+@pytest.fixture(scope="session")
+def celery_includes():
+    return ("celery.contrib.testing.tasks",)  # the ping task
+
+
+@pytest.fixture()
+def celery_app(jobs):
+    """The app the classic ``celery_worker`` fixture runs: our test app."""
+    return jobs.app
+
+
+@pytest.fixture(scope="session")
+def celery_worker_pool():
+    return "threads"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters():
+    return {"concurrency": 2, "shutdown_timeout": 20,
+            "perform_ping_check": True}
+
+
+@pytest.fixture()
+def worker(celery_worker):  # noqa: F811
+    """A real in-process worker consuming the test app's queue."""
+    return celery_worker

@@ -94,3 +94,14 @@ def fail(message):
     ctx = ares.current()
     record_execution(ctx.job_id, ctx.fencing_token)
     raise ValueError(message)
+
+
+@ares.task(name="jobs.flaky", bind=True, max_retries=3)
+def flaky(self, value):
+    """Fails on its first execution, succeeds on the retry."""
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.1)
+    return {"value": value, "retries": self.request.retries,
+            "job_id": ctx.job_id, "token": ctx.fencing_token}

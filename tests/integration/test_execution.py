@@ -103,3 +103,14 @@ def test_locks_of_committed_jobs_are_removed(jobs, worker, etcd):
         r.get(timeout=20)
     wait_for(lambda: etcd.count_prefix("/ares/locks/") == 0, 10,
              "committed jobs' locks to be deleted")
+
+
+def test_self_retry_keeps_job_id_and_runs_again(jobs, worker, store):
+    result = jobs.flaky.apply_async(("r",), request_id="retry-me")
+    value = result.get(timeout=30)
+    assert value["job_id"] == result.id and value["retries"] == 1
+    runs = executions(store, result.id)
+    assert len(runs) == 2
+    assert runs[1]["token"] > runs[0]["token"]
+    assert store.hget(f"ares:job:{result.id}", "committed") == \
+        str(value["token"]).encode()
