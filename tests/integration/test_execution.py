@@ -114,3 +114,25 @@ def test_self_retry_keeps_job_id_and_runs_again(jobs, worker, store):
     assert runs[1]["token"] > runs[0]["token"]
     assert store.hget(f"ares:job:{result.id}", "committed") == \
         str(value["token"]).encode()
+
+
+def test_fifty_concurrent_duplicates_execute_once(jobs, worker, store):
+    import threading
+
+    barrier = threading.Barrier(50)
+    results = []
+
+    def submit():
+        barrier.wait()
+        results.append(jobs.record.apply_async(("dup",), request_id="fifty"))
+
+    threads = [threading.Thread(target=submit) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.id for r in results}) == 1
+    value = results[0].get(timeout=20)
+    assert all(r.get(timeout=5) == value for r in results[:5])
+    assert len(executions(store, results[0].id)) == 1
+    assert store.llen("celery") == 0
