@@ -8,7 +8,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from celery import Task as CeleryTask
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from ..errors import AresError, ServiceUnavailable
 from . import context
@@ -136,5 +136,11 @@ class JobRuntime:
                                           headers=headers)
         # Straight to Celery: the submit path's etcd check must not block
         # deferring a job exactly when etcd is down.
-        CeleryTask.apply_async(task, sig.args, sig.kwargs, **sig.options)
+        try:
+            CeleryTask.apply_async(task, sig.args, sig.kwargs, **sig.options)
+        except Exception as exc:  # noqa: BLE001 - broker trouble of any kind
+            # Could not re-publish: hand this very delivery back instead.
+            logger.warning("ares: job %s: re-publish failed (%s); "
+                           "requeueing the delivery", request.id, exc)
+            raise Reject(reason=why, requeue=True) from exc
         raise Ignore()
