@@ -290,6 +290,29 @@ class EtcdGateway:
         resp = self._post("/kv/range", body)
         return [KeyValue.from_json(kv) for kv in resp.get("kvs") or []]
 
+    def range_prefix_with_revision(self, prefix: str
+                                   ) -> tuple[list[KeyValue], int]:
+        """All keys under ``prefix`` and the revision they were read at,
+        so a watch can continue from exactly there."""
+        resp = self._post("/kv/range", {"key": _b64(prefix),
+                                        "range_end": _b64(_prefix_end(prefix))})
+        kvs = [KeyValue.from_json(kv) for kv in resp.get("kvs") or []]
+        return kvs, int(resp.get("header", {}).get("revision", 0))
+
+    def watch_endpoint(self) -> tuple[str, requests.Session]:
+        """URL and a streaming-capable session for ``/v3/watch`` on the
+        endpoint that answered last (watch streams need real ``requests``)."""
+        host, port = self.endpoints[self._preferred]
+        session = requests.Session()
+        session.trust_env = False
+        ca, key, cert = self._tls
+        if ca is not None:
+            session.verify = ca
+        if cert is not None and key is not None:
+            session.cert = (cert, key)
+        host = f"[{host}]" if ":" in host else host
+        return f"{self._protocol}://{host}:{port}/v3/watch", session
+
     def count_prefix(self, prefix: str) -> int:
         resp = self._post("/kv/range", {
             "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),

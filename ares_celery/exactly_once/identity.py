@@ -76,3 +76,14 @@ class Keys:
 
     def fenced(self, job_id: str, token: int) -> str:
         return f"/{self.namespace}/fenced/{job_id}/{token}"
+
+    def inventory_prefix(self) -> str:
+        return f"/{self.namespace}/inventory/"
+
+    def inventory_topology(self, host: str) -> str:
+        """A host's topology (rarely changes), attached to its lease."""
+        return f"/{self.namespace}/inventory/{host}/topology"
+
+    def inventory_state(self, host: str) -> str:
+        """A host's free/busy GPUs (changes per job), attached to its lease."""
+        return f"/{self.namespace}/inventory/{host}/state"

@@ -1,0 +1,314 @@
+"""Publishing each GPU host's inventory to etcd, and reading it back.
+
+A worker publishes two keys per host, both attached to its own lease so that
+a dead host disappears by itself when the lease expires: the topology
+(written once) and the free/busy state (rewritten when GPUs are taken or
+released). Readers keep a cache driven by an etcd watch, so a routing
+decision costs no etcd round trip in the steady state.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from ..clients.etcd import EtcdGateway, op_put
+from ..errors import ServiceUnavailable
+from ..exactly_once.identity import Keys
+from ..exactly_once.lease import LeaseKeeper
+from .model import HostTopology
+
+logger = logging.getLogger(__name__)
+
+
+def host_queue(host: str, prefix: str = "ares.gpu") -> str:
+    """The per-host queue name GPU tasks for ``host`` are routed to."""
+    return f"{prefix}.{host}"
+
+
+@dataclass(frozen=True)
+class HostInventory:
+    """What the router knows about one GPU host."""
+
+    host: str
+    topology: HostTopology
+    free: frozenset[int]
+    busy: Mapping[int, str] = field(default_factory=dict)
+    queue: str = ""
+    worker: str = ""
+    running: int = 0
+    updated: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "queue": self.queue, "worker": self.worker,
+                "gpus": len(self.topology), "free": sorted(self.free),
+                "busy": {str(k): v for k, v in sorted(self.busy.items())},
+                "running": self.running, "updated": self.updated}
+
+
+class InventoryPublisher:
+    """Worker side: keeps this host's inventory in etcd while it lives."""
+
+    def __init__(self, etcd: EtcdGateway, keys: Keys, topology: HostTopology,
+                 lease_ttl: int, queue: str, worker: str = "") -> None:
+        self._etcd = etcd
+        self._keys = keys
+        self.topology = topology
+        self.queue = queue
+        self.worker = worker
+        self._keeper = LeaseKeeper(etcd, lease_ttl)
+        self._lock = threading.Lock()
+        self._busy: dict[int, str] = {}
+        self._generation = 0
+        self._stopped = threading.Event()
+
+    @property
+    def host(self) -> str:
+        return self.topology.host
+
+    def publish(self, busy: Mapping[int, str] | None = None) -> None:
+        """Write topology (on a new lease) and state in one transaction."""
+        with self._lock:
+            if busy is not None:
+                self._busy = dict(busy)
+            grant = self._keeper.current()
+            ops = [op_put(self._keys.inventory_state(self.host),
+                          json.dumps(self._state()), grant.lease_id)]
+            if grant.generation != self._generation:
+                ops.append(op_put(self._keys.inventory_topology(self.host),
+                                  self.topology.to_json(), grant.lease_id))
+            self._etcd.txn(compare=[], success=ops)
+            self._generation = grant.generation
+
+    def ensure_published(self) -> bool:
+        """Re-publish if the lease was lost (called periodically)."""
+        try:
+            if not self._keeper.is_valid(self._keeper.current()) or \
+                    self._keeper.current().generation != self._generation:
+                self.publish()
+                return True
+        except ServiceUnavailable as exc:
+            logger.warning("ares: cannot publish GPU inventory: %s", exc)
+        return False
+
+    def start_background(self) -> None:
+        """Re-publish by itself after a lost lease (etcd outage, pause)."""
+        def loop() -> None:
+            while not self._stopped.wait(max(self._keeper.ttl / 3.0, 0.2)):
+                self.ensure_published()
+        self._stopped.clear()
+        threading.Thread(target=loop, daemon=True,
+                         name="ares-inventory-publish").start()
+
+    def withdraw(self) -> None:
+        """Remove the host at once (clean shutdown)."""
+        self._stopped.set()
+        self._keeper.close()
+
+    def _state(self) -> dict[str, Any]:
+        free = [i for i in self.topology.indices if i not in self._busy]
+        return {"free": free, "busy": {str(k): v for k, v in self._busy.items()},
+                "queue": self.queue, "worker": self.worker,
+                "running": len(set(self._busy.values())),
+                "updated": time.time()}
+
+
+def _parse_host(key: str, prefix: str) -> tuple[str, str] | None:
+    rest = key[len(prefix):]
+    host, _, leaf = rest.rpartition("/")
+    return (host, leaf) if host and leaf in ("topology", "state") else None
+
+
+class InventoryCache:
+    """Reader side: every host's inventory, kept current by an etcd watch.
+
+    On start it lists the prefix, then watches from the listed revision, so
+    no update is missed between the two. If the watch stream breaks (etcd
+    restarted, network cut) it lists and watches again, with back-off.
+    """
+
+    def __init__(self, etcd: EtcdGateway, keys: Keys) -> None:
+        self._etcd = etcd
+        self._prefix = keys.inventory_prefix()
+        self._topologies: dict[str, HostTopology] = {}
+        self._topology_raw: dict[str, bytes] = {}
+        self._states: dict[str, dict[str, Any]] = {}
+        self._guard = threading.Lock()
+        self._synced = threading.Event()
+        self._changed = threading.Condition(self._guard)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._response: requests.Response | None = None
+        self.revision = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self, wait: float | None = 5.0) -> InventoryCache:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="ares-inventory-watch")
+            self._thread.start()
+        if wait:
+            if not self._synced.wait(wait):
+                raise ServiceUnavailable(
+                    f"GPU inventory not readable from etcd at "
+                    f"{self._etcd.address} within {wait}s")
+        return self
+
+    def load_once(self) -> InventoryCache:
+        """Read the inventory once, without a watch (CLI, scripts)."""
+        self._list()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            response.close()
+
+    # -- reads -----------------------------------------------------------------
+
+    def hosts(self) -> dict[str, HostInventory]:
+        """A snapshot of every host that has both topology and state."""
+        with self._guard:
+            return {host: self._build(host, topo)
+                    for host, topo in self._topologies.items()
+                    if host in self._states}
+
+    def get(self, host: str) -> HostInventory | None:
+        with self._guard:
+            topo = self._topologies.get(host)
+            if topo is None or host not in self._states:
+                return None
+            return self._build(host, topo)
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        """Block until ``predicate(hosts)`` holds (tests, CLI, router)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate(self.hosts()):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._changed:
+                self._changed.wait(min(remaining, 0.5))
+
+    def _build(self, host: str, topo: HostTopology) -> HostInventory:
+        state = self._states[host]
+        return HostInventory(
+            host=host, topology=topo, free=frozenset(state.get("free", ())),
+            busy={int(k): v for k, v in state.get("busy", {}).items()},
+            queue=state.get("queue", ""), worker=state.get("worker", ""),
+            running=int(state.get("running", 0)),
+            updated=float(state.get("updated", 0.0)))
+
+    # -- etcd plumbing -------------------------------------------------------
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        parsed = _parse_host(key, self._prefix)
+        if parsed is None:
+            return
+        host, leaf = parsed
+        if leaf == "topology":
+            if value is None:
+                self._topologies.pop(host, None)
+                self._topology_raw.pop(host, None)
+            elif self._topology_raw.get(host) != value:
+                try:
+                    self._topologies[host] = HostTopology.from_json(
+                        value.decode())
+                    self._topology_raw[host] = value
+                except Exception as exc:  # noqa: BLE001 - bad data from etcd
+                    logger.warning("ares: bad topology for %s: %s", host, exc)
+        elif value is None:
+            self._states.pop(host, None)
+        else:
+            try:
+                self._states[host] = json.loads(value)
+            except ValueError:
+                logger.warning("ares: bad inventory state for %s", host)
+
+    def _list(self) -> None:
+        kvs, revision = self._etcd.range_prefix_with_revision(self._prefix)
+        with self._changed:
+            self._topologies.clear()
+            self._topology_raw.clear()
+            self._states.clear()
+            for kv in kvs:
+                self._apply(kv.key, kv.value)
+            self.revision = revision
+            self._changed.notify_all()
+        self._synced.set()
+
+    def _run(self) -> None:
+        pause = 0.1
+        while not self._stop.is_set():
+            try:
+                self._list()
+                self._watch()
+                pause = 0.1
+            except Exception as exc:  # noqa: BLE001 - keep the cache alive
+                if self._stop.is_set():
+                    return
+                logger.info("ares: inventory watch restarting: %s", exc)
+                self._stop.wait(pause)
+                pause = min(pause * 2, 5.0)
+
+    def _watch(self) -> None:
+        """Stream etcd watch events for the prefix until the stream ends."""
+        url, session = self._etcd.watch_endpoint()
+        body = {"create_request": {
+            "key": _b64(self._prefix),
+            "range_end": _b64(_prefix_end(self._prefix)),
+            "start_revision": str(self.revision + 1)}}
+        with session.post(url, json=body, stream=True,
+                          timeout=(self._etcd.timeout, None)) as response:
+            self._response = response
+            for line in response.iter_lines():
+                if self._stop.is_set():
+                    return
+                if not line:
+                    continue
+                result = json.loads(line).get("result", {})
+                if result.get("canceled") or result.get("compact_revision"):
+                    return  # relist: we missed history
+                events = result.get("events") or []
+                if not events:
+                    continue
+                with self._changed:
+                    for event in events:
+                        kv = event.get("kv", {})
+                        key = base64.b64decode(kv.get("key", "")).decode()
+                        if event.get("type") == "DELETE":
+                            self._apply(key, None)
+                        else:
+                            self._apply(key, base64.b64decode(
+                                kv.get("value", "")))
+                        self.revision = max(self.revision,
+                                            int(kv.get("mod_revision", 0)))
+                    self._changed.notify_all()
+        raise ServiceUnavailable("inventory watch stream ended")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _prefix_end(prefix: str) -> bytes:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return bytes(raw)
+
+
+def free_gpus_summary(hosts: Iterable[HostInventory]) -> list[dict[str, Any]]:
+    """Rows for the CLI: host, queue, GPUs, free list."""
+    return [inv.to_dict() for inv in sorted(hosts, key=lambda h: h.host)]
