@@ -5,8 +5,9 @@ Both use a Redis broker, a Redis result backend, ``acks_late`` and one
 etcd lease and commits through the fenced backend, and submits every job
 with a request id (dedup). Latency is measured with one job in flight at a
 time (submit to ``get()``), so it is the per-job cost without queueing.
-Throughput is measured at the worker: the queue is filled while the worker's consumer is cancelled, then
-consumption resumes and the span of the jobs' ``date_done`` stamps is timed.
+Throughput is measured at the worker: the queue is filled while the
+worker's consumer is cancelled, then consumption resumes and the span of
+the jobs' ``date_done`` stamps is timed.
 
     python benchmarks/exactly_once_throughput.py [--tasks 2000] [--concurrency 2]
 """
