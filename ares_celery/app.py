@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import click
 from celery import Celery, Task, signals
 
 from .errors import ConfigurationError
@@ -14,8 +15,12 @@ from .exactly_once.context import JobContext
 from .exactly_once.execution import JobRuntime
 from .exactly_once.submission import Submitter
 from .exactly_once.task import ExactlyOnceTask
+from .gpu.request import GpuRequest
+from .gpu.task import GpuTask
+from .routing import GpuRouter
 from .services import Services
 from .settings import AresSettings
+from .worker import GpuHostStep, GpuWorkerState
 
 REDIS_BACKEND = "ares_celery.backends.redis:FencedRedisBackend"
 ETCD_BACKEND = "ares_celery.backends.etcd:FencedEtcdBackend"
@@ -44,6 +49,14 @@ class Ares:
         self.runtime = JobRuntime(self.services, lambda: self.app.backend)
         self._task_base = type("AresTask", (ExactlyOnceTask,), {
             "_ares": self, "__module__": __name__})
+        self._gpu_task_base = type("AresGpuTask", (GpuTask,), {
+            "_ares": self, "__module__": __name__})
+        #: Set in GPU worker processes by the worker bootstep.
+        self.gpu_worker: GpuWorkerState | None = None
+        self.router = GpuRouter(self)
+        self.worker_router = GpuRouter(self, watch=False)
+        self._install_router()
+        self._install_worker_step()
         app.ares = self
         signals.task_postrun.connect(self._on_postrun, weak=False)
         signals.worker_process_shutdown.connect(self._on_shutdown, weak=False)
@@ -63,6 +76,28 @@ class Ares:
             raise TypeError("ares.task takes only keyword options")
         return decorate
 
+    def gpu_task(self, *args: Any, gpus: int = 1,
+                 min_memory_gb: float | None = None,
+                 interconnect: str | None = None, **options: Any) -> Any:
+        """``@ares.gpu_task(gpus=4, min_memory_gb=40, interconnect="nvlink")``:
+        an exactly-once task routed to the host where those GPUs are best
+        connected, run with ``CUDA_VISIBLE_DEVICES`` set to them."""
+        request = GpuRequest(gpus, min_memory_gb, interconnect)
+        base = self._gpu_task_base
+        if options.get("base") is not None:
+            user_base = options.pop("base")
+            base = type(f"AresGpu{user_base.__name__}", (base, user_base),
+                        {"__module__": user_base.__module__})
+        options = dict(options, base=base, gpu_request=request)
+        if len(args) == 1 and callable(args[0]):
+            return self._make_task(args[0], options)
+        if args:
+            raise TypeError("ares.gpu_task takes only keyword options")
+
+        def decorate(fun: Callable[..., Any]) -> Task:
+            return self._make_task(fun, options)
+        return decorate
+
     def _make_task(self, fun: Callable[..., Any],
                    options: dict[str, Any]) -> Task:
         for flag in ("acks_late", "reject_on_worker_lost"):
@@ -74,6 +109,7 @@ class Ares:
         if serializer not in (None, "json"):
             raise ConfigurationError(
                 f"serializer={serializer!r}: exactly-once tasks use JSON only")
+        options = dict(options)
         base = options.pop("base", None)
         if base is None:
             base = self._task_base
@@ -111,11 +147,35 @@ class Ares:
                 "ares_result_store='etcd'")
         conf.result_backend = f"{REDIS_BACKEND}+{url}"
 
+    def _install_router(self) -> None:
+        routes = self.app.conf.task_routes
+        if routes is None:
+            routes = ()
+        elif isinstance(routes, (dict, str)) or callable(routes):
+            routes = (routes,)
+        self.app.conf.task_routes = (self.router, *routes)
+
+    def _install_worker_step(self) -> None:
+        self.app.steps["worker"].add(GpuHostStep)
+        options = self.app.user_options["worker"]
+        options.add(click.Option(
+            ["--ares-mock-gpus"], default=None,
+            help="ares: pretend this host has a mock GPU topology (a name "
+                 "such as dgx1-v100, or a topo -m / JSON file)"))
+        options.add(click.Option(
+            ["--ares-host"], default=None,
+            help="ares: host identity for GPU routing (default: the part "
+                 "of the node name after @)"))
+
     def _on_postrun(self, sender: Any = None, task_id: str | None = None,
                     task: Any = None, **_: Any) -> None:
         if isinstance(task, ExactlyOnceTask) and task._ares is self \
                 and task_id:
-            self.runtime.finish(task_id)
+            try:
+                self.runtime.finish(task_id)
+            finally:
+                if isinstance(task, GpuTask) and self.gpu_worker is not None:
+                    self.gpu_worker.release(task_id)
 
     def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
         # Settings may have been changed after Ares(app); check again.

@@ -26,6 +26,9 @@ DEFAULTS: dict[str, Any] = {
     "ares_result_store": "redis",      # "redis" or "etcd"
     "ares_lease_retry_max_delay": None,  # defaults to the lease TTL
     "ares_redis_max_connections": 16,
+    "ares_gpu_wait_timeout": 60.0,     # worker waits this long for GPUs
+    "ares_gpu_state_dir": None,        # default: the temp dir
+    "ares_cuda_visible_devices": "index",  # or "uuid"
 }
 
 
@@ -53,6 +56,9 @@ class AresSettings:
     result_store: str = "redis"
     lease_retry_max_delay: float = 30.0
     redis_max_connections: int = 16
+    gpu_wait_timeout: float = 60.0
+    gpu_state_dir: str | None = None
+    cuda_visible_devices: str = "index"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -81,6 +87,11 @@ class AresSettings:
             raise ConfigurationError(
                 f"ares_result_store must be 'redis' or 'etcd', got {store!r}")
         retry_max = values["ares_lease_retry_max_delay"]
+        visible = values["ares_cuda_visible_devices"]
+        if visible not in ("index", "uuid"):
+            raise ConfigurationError(
+                "ares_cuda_visible_devices must be 'index' or 'uuid', "
+                f"got {visible!r}")
         return cls(
             redis_url=str(redis_url),
             etcd_endpoints=parse_endpoints(values["ares_etcd_endpoints"]),
@@ -99,5 +110,9 @@ class AresSettings:
             redis_max_connections=_number(
                 "ares_redis_max_connections",
                 values["ares_redis_max_connections"], 2, 10000, integer=True),
+            gpu_wait_timeout=_number("ares_gpu_wait_timeout",
+                                     values["ares_gpu_wait_timeout"], 0, 86400),
+            gpu_state_dir=values["ares_gpu_state_dir"],
+            cuda_visible_devices=visible,
             raw=values,
         )

@@ -36,6 +36,11 @@ class JobContext:
     keeper: LeaseKeeper | None = field(default=None, repr=False)
     released: bool = False
     committed: bool = False
+    #: GPU tasks only: host GPU indices, their UUIDs, the host, the score.
+    gpus: list[int] = field(default_factory=list)
+    gpu_uuids: list[str] = field(default_factory=list)
+    host: str | None = None
+    placement_score: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

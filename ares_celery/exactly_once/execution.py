@@ -112,28 +112,39 @@ class JobRuntime:
         raise Ignore()
 
     def _defer(self, task: Task, why: str) -> None:
+        self.defer(task, why)
+
+    def defer(self, task: Task, why: str, queue: str | None = None,
+              headers: dict[str, Any] | None = None,
+              delay: float | None = None) -> None:
         """Re-publish the same job with a back-off and ack this delivery.
 
         If the lock holder dies, its lease expires within the TTL and one of
         these deferred copies takes over; if it commits, they are skipped.
+        ``queue`` re-routes the job (a GPU job whose host cannot run it).
         """
         request = task.request
         if request.is_eager:
             raise AresError(f"job {request.id} cannot run now: {why}")
         waits = int(header(request, WAITS_HEADER) or 0)
-        max_delay = self._services.settings.lease_retry_max_delay
-        delay = min(max_delay, 0.2 * (2 ** min(waits, 16)))
-        delay *= random.uniform(0.8, 1.2)
-        headers = dict(request.headers or {})
-        headers[WAITS_HEADER] = waits + 1
+        if delay is None:
+            max_delay = self._services.settings.lease_retry_max_delay
+            delay = min(max_delay, 0.2 * (2 ** min(waits, 16)))
+            delay *= random.uniform(0.8, 1.2)
+        all_headers = dict(request.headers or {})
+        all_headers[WAITS_HEADER] = waits + 1
         rid = header(request, REQUEST_ID_HEADER)
         if rid is not None:
-            headers[REQUEST_ID_HEADER] = rid
+            all_headers[REQUEST_ID_HEADER] = rid
+        all_headers.update(headers or {})
         ExecutionStats.deferred += 1
-        logger.info("ares: job %s deferred %.2fs (wait #%d): %s",
-                    request.id, delay, waits + 1, why)
-        sig = task.signature_from_request(request, countdown=delay,
-                                          headers=headers)
+        logger.info("ares: job %s deferred %.2fs (wait #%d)%s: %s",
+                    request.id, delay, waits + 1,
+                    f" to {queue}" if queue else "", why)
+        extra: dict[str, Any] = {"countdown": delay, "headers": all_headers}
+        if queue:
+            extra["queue"] = queue
+        sig = task.signature_from_request(request, **extra)
         # Straight to Celery: the submit path's etcd check must not block
         # deferring a job exactly when etcd is down.
         try:

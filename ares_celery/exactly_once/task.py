@@ -35,8 +35,16 @@ class ExactlyOnceTask(Task):
         if self.request.called_directly:
             return super().__call__(*args, **kwargs)
         ctx = self._ares.runtime.begin(self)
+        self._before_body(ctx)
         context.push(ctx)
         try:
             return self.run(*args, **kwargs)
         finally:
             context.pop()
+            self._after_body(ctx)
+
+    def _before_body(self, ctx: context.JobContext) -> None:
+        """Hook between taking the lease and running the body."""
+
+    def _after_body(self, ctx: context.JobContext) -> None:
+        """Hook after the body, before the result is committed."""

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,8 @@ class HostInventory:
     worker: str = ""
     running: int = 0
     updated: float = 0.0
+    #: Grows with every change the cache applies to this host.
+    version: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"host": self.host, "queue": self.queue, "worker": self.worker,
@@ -58,7 +60,9 @@ class InventoryPublisher:
     """Worker side: keeps this host's inventory in etcd while it lives."""
 
     def __init__(self, etcd: EtcdGateway, keys: Keys, topology: HostTopology,
-                 lease_ttl: int, queue: str, worker: str = "") -> None:
+                 lease_ttl: int, queue: str, worker: str = "",
+                 busy_source: Callable[[], Mapping[int, str]] | None = None,
+                 ) -> None:
         self._etcd = etcd
         self._keys = keys
         self.topology = topology
@@ -67,7 +71,9 @@ class InventoryPublisher:
         self._keeper = LeaseKeeper(etcd, lease_ttl)
         self._lock = threading.Lock()
         self._busy: dict[int, str] = {}
+        self._busy_source = busy_source
         self._generation = 0
+        self.lease_id = 0
         self._stopped = threading.Event()
 
     @property
@@ -79,6 +85,8 @@ class InventoryPublisher:
         with self._lock:
             if busy is not None:
                 self._busy = dict(busy)
+            elif self._busy_source is not None:
+                self._busy = dict(self._busy_source())
             grant = self._keeper.current()
             ops = [op_put(self._keys.inventory_state(self.host),
                           json.dumps(self._state()), grant.lease_id)]
@@ -87,6 +95,7 @@ class InventoryPublisher:
                                   self.topology.to_json(), grant.lease_id))
             self._etcd.txn(compare=[], success=ops)
             self._generation = grant.generation
+            self.lease_id = grant.lease_id
 
     def ensure_published(self) -> bool:
         """Re-publish if the lease was lost (called periodically)."""
@@ -141,6 +150,8 @@ class InventoryCache:
         self._topologies: dict[str, HostTopology] = {}
         self._topology_raw: dict[str, bytes] = {}
         self._states: dict[str, dict[str, Any]] = {}
+        self._built: dict[str, HostInventory] = {}
+        self._version = 0
         self._guard = threading.Lock()
         self._synced = threading.Event()
         self._changed = threading.Condition(self._guard)
@@ -177,18 +188,14 @@ class InventoryCache:
     # -- reads -----------------------------------------------------------------
 
     def hosts(self) -> dict[str, HostInventory]:
-        """A snapshot of every host that has both topology and state."""
+        """A snapshot of every host that has both topology and state (the
+        entries are immutable and rebuilt only when that host changes)."""
         with self._guard:
-            return {host: self._build(host, topo)
-                    for host, topo in self._topologies.items()
-                    if host in self._states}
+            return dict(self._built)
 
     def get(self, host: str) -> HostInventory | None:
         with self._guard:
-            topo = self._topologies.get(host)
-            if topo is None or host not in self._states:
-                return None
-            return self._build(host, topo)
+            return self._built.get(host)
 
     def wait_for(self, predicate, timeout: float) -> bool:
         """Block until ``predicate(hosts)`` holds (tests, CLI, router)."""
@@ -202,14 +209,18 @@ class InventoryCache:
             with self._changed:
                 self._changed.wait(min(remaining, 0.5))
 
-    def _build(self, host: str, topo: HostTopology) -> HostInventory:
-        state = self._states[host]
-        return HostInventory(
+    def _rebuild(self, host: str) -> None:
+        topo, state = self._topologies.get(host), self._states.get(host)
+        if topo is None or state is None:
+            self._built.pop(host, None)
+            return
+        self._version += 1
+        self._built[host] = HostInventory(
             host=host, topology=topo, free=frozenset(state.get("free", ())),
             busy={int(k): v for k, v in state.get("busy", {}).items()},
             queue=state.get("queue", ""), worker=state.get("worker", ""),
             running=int(state.get("running", 0)),
-            updated=float(state.get("updated", 0.0)))
+            updated=float(state.get("updated", 0.0)), version=self._version)
 
     # -- etcd plumbing -------------------------------------------------------
 
@@ -218,6 +229,10 @@ class InventoryCache:
         if parsed is None:
             return
         host, leaf = parsed
+        self._apply_leaf(host, leaf, value)
+        self._rebuild(host)
+
+    def _apply_leaf(self, host: str, leaf: str, value: bytes | None) -> None:
         if leaf == "topology":
             if value is None:
                 self._topologies.pop(host, None)
@@ -243,6 +258,7 @@ class InventoryCache:
             self._topologies.clear()
             self._topology_raw.clear()
             self._states.clear()
+            self._built.clear()
             for kv in kvs:
                 self._apply(kv.key, kv.value)
             self.revision = revision
@@ -273,12 +289,10 @@ class InventoryCache:
         with session.post(url, json=body, stream=True,
                           timeout=(self._etcd.timeout, None)) as response:
             self._response = response
-            for line in response.iter_lines():
+            for message in _json_messages(response):
                 if self._stop.is_set():
                     return
-                if not line:
-                    continue
-                result = json.loads(line).get("result", {})
+                result = message.get("result", {})
                 if result.get("canceled") or result.get("compact_revision"):
                     return  # relist: we missed history
                 events = result.get("events") or []
@@ -299,8 +313,35 @@ class InventoryCache:
         raise ServiceUnavailable("inventory watch stream ended")
 
 
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
+def _json_messages(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """Watch responses as they arrive.
+
+    ``iter_lines()`` buffers up to its chunk size before yielding, which
+    would hold small watch events back until more traffic comes; read
+    chunks as the server flushes them and split complete JSON lines.
+    """
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while True:
+            line, sep, rest = buffer.partition(b"\n")
+            if not sep:
+                break
+            buffer = rest
+            if line.strip():
+                yield json.loads(line)
+        if buffer.strip():
+            try:
+                message = json.loads(buffer)
+            except ValueError:
+                continue  # an incomplete message: wait for the rest
+            buffer = b""
+            yield message
+
+
+def _b64(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode()
 
 
 def _prefix_end(prefix: str) -> bytes:

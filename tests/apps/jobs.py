@@ -105,3 +105,54 @@ def flaky(self, value):
         raise self.retry(countdown=0.1)
     return {"value": value, "retries": self.request.retries,
             "job_id": ctx.job_id, "token": ctx.fencing_token}
+
+
+def _gpu_body(name, hold):
+    """Record where and on which GPUs we ran, then hold the GPUs until the
+    test releases this job (or for ``hold`` seconds)."""
+    ctx = ares.current()
+    start = time.time()
+    _store.rpush(f"test:gpu-started:{ctx.job_id}", 1)
+    deadline = time.monotonic() + hold
+    while time.monotonic() < deadline:
+        if _store.exists(f"test:release:{ctx.job_id}", "test:release-all"):
+            break
+        time.sleep(0.02)
+    record = {"task": name, "job": ctx.job_id, "host": ctx.host,
+              "gpus": ctx.gpus, "uuids": ctx.gpu_uuids,
+              "score": ctx.placement_score, "token": ctx.fencing_token,
+              "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+              "pid": os.getpid(), "start": start, "end": time.time()}
+    _store.rpush("test:gpu-runs", json.dumps(record))
+    return record
+
+
+@ares.gpu_task(name="jobs.gpu1", gpus=1)
+def gpu1(hold=60):
+    return _gpu_body("gpu1", hold)
+
+
+@ares.gpu_task(name="jobs.gpu2", gpus=2)
+def gpu2(hold=60):
+    return _gpu_body("gpu2", hold)
+
+
+@ares.gpu_task(name="jobs.gpu4", gpus=4)
+def gpu4(hold=60):
+    return _gpu_body("gpu4", hold)
+
+
+@ares.gpu_task(name="jobs.gpu8", gpus=8)
+def gpu8(hold=60):
+    return _gpu_body("gpu8", hold)
+
+
+@ares.gpu_task(name="jobs.gpu2_nvlink", gpus=2, interconnect="nvlink")
+def gpu2_nvlink(hold=60):
+    return _gpu_body("gpu2_nvlink", hold)
+
+
+@ares.gpu_task(name="jobs.gpu4_nvlink", gpus=4, interconnect="nvlink",
+               min_memory_gb=30)
+def gpu4_nvlink(hold=60):
+    return _gpu_body("gpu4_nvlink", hold)

@@ -1,0 +1,233 @@
+"""Worker-side GPU allocation, shared by every pool process of one host.
+
+Prefork children are separate processes, so the host's allocations live in
+a small JSON file guarded by ``flock``: a child picks its GPUs from the
+host's free set with the placement scorer while holding the lock, so two
+jobs can never get the same GPU. Each allocation records the pid that holds
+it; if that process dies (SIGKILL, hard time limit, revoke with terminate)
+the next allocation or the worker's periodic reaper gives the GPUs back.
+After every change the new free set is written to etcd under the worker's
+inventory lease, so the router sees it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..clients.etcd import EtcdGateway, op_put
+from ..errors import AresError, UnsatisfiableGpuRequest
+from ..exactly_once.identity import Keys
+from .model import HostTopology
+from .placement import Placement, best_placement
+from .request import GpuRequest
+
+logger = logging.getLogger(__name__)
+
+
+class GpusBusy(AresError):
+    """The GPUs this job needs did not become free within the wait bound."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def ledger_path(namespace: str, host: str, directory: str | None = None) -> Path:
+    base = Path(directory or tempfile.gettempdir())
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in host)
+    return base / f"ares-gpus-{namespace}-{safe}.json"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    job_id: str
+    placement: Placement
+    topology: HostTopology
+
+    @property
+    def gpus(self) -> list[int]:
+        return list(self.placement.gpus)
+
+    @property
+    def uuids(self) -> list[str]:
+        return [self.topology.gpu(i).uuid or "" for i in self.placement.gpus]
+
+
+class HostGpuLedger:
+    """The host's GPU allocations, in a file every pool process shares."""
+
+    def __init__(self, path: Path, topology: HostTopology) -> None:
+        self.path = Path(path)
+        self.topology = topology
+        self._lock_path = self.path.with_suffix(".lock")
+
+    # -- file plumbing -------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[dict[str, Any]]:
+        """The state, read and written back under the host-wide lock."""
+        with open(self._lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                state = self._read()
+                before = json.dumps(state, sort_keys=True)
+                yield state
+                if json.dumps(state, sort_keys=True) != before:
+                    self._write(state)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {"allocations": {}}
+
+    def _write(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path)
+
+    # -- worker main process -------------------------------------------------
+
+    def reset(self, **info: Any) -> None:
+        """A fresh ledger for a starting worker (stale allocations of a
+        previous run on this host are dropped)."""
+        with self.locked() as state:
+            state.clear()
+            state.update(info, allocations={})
+
+    def update_info(self, **info: Any) -> None:
+        with self.locked() as state:
+            state.update(info)
+
+    def info(self) -> dict[str, Any]:
+        with self.locked() as state:
+            return dict(state)
+
+    def busy(self) -> dict[int, str]:
+        with self.locked() as state:
+            self._reap(state)
+            return self._busy(state)
+
+    def reap_dead(self) -> list[str]:
+        """Give back GPUs of processes that died; returns their job ids."""
+        with self.locked() as state:
+            return self._reap(state)
+
+    # -- pool processes --------------------------------------------------------
+
+    def try_allocate(self, job_id: str, request: GpuRequest) -> Allocation | None:
+        """Best GPUs for the job from the free set now, or None if too few
+        are free. Raises UnsatisfiableGpuRequest if this host can never
+        satisfy it."""
+        best_placement(self.topology, request.gpus,
+                       **request.placement_kwargs())  # ever possible here?
+        with self.locked() as state:
+            self._reap(state)
+            allocations = state.setdefault("allocations", {})
+            mine = allocations.get(job_id)
+            if mine is not None and mine["pid"] == os.getpid():
+                placement = best_placement(self.topology, request.gpus,
+                                           free=mine["gpus"],
+                                           **request.placement_kwargs())
+                return Allocation(job_id, placement, self.topology)
+            busy = self._busy(state)
+            free = [i for i in self.topology.indices if i not in busy]
+            try:
+                placement = best_placement(self.topology, request.gpus,
+                                           free=free,
+                                           **request.placement_kwargs())
+            except UnsatisfiableGpuRequest:
+                return None
+            allocations[job_id] = {"gpus": list(placement.gpus),
+                                   "pid": os.getpid(), "at": time.time(),
+                                   "score": placement.score}
+            return Allocation(job_id, placement, self.topology)
+
+    def allocate(self, job_id: str, request: GpuRequest, timeout: float,
+                 on_change: Callable[[], None] | None = None) -> Allocation:
+        """Wait (polling, with a deadline) for GPUs, then take them."""
+        deadline = time.monotonic() + timeout
+        pause = 0.02
+        while True:
+            allocation = self.try_allocate(job_id, request)
+            if allocation is not None:
+                if on_change is not None:
+                    on_change()
+                return allocation
+            if time.monotonic() >= deadline:
+                raise GpusBusy(
+                    f"{request.describe()} not free on host "
+                    f"{self.topology.host} within {timeout:g}s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.5)
+
+    def release(self, job_id: str) -> bool:
+        with self.locked() as state:
+            return state.setdefault("allocations", {}).pop(job_id, None) \
+                is not None
+
+    # -- helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _busy(state: dict[str, Any]) -> dict[int, str]:
+        busy: dict[int, str] = {}
+        for job_id, entry in state.get("allocations", {}).items():
+            for gpu in entry["gpus"]:
+                busy[int(gpu)] = job_id
+        return busy
+
+    @staticmethod
+    def _reap(state: dict[str, Any]) -> list[str]:
+        allocations = state.setdefault("allocations", {})
+        dead = [job for job, entry in allocations.items()
+                if not _pid_alive(int(entry["pid"]))]
+        for job in dead:
+            logger.warning("ares: job %s's process died; its GPUs %s are free "
+                           "again", job, allocations[job]["gpus"])
+            del allocations[job]
+        return dead
+
+
+def state_payload(topology: HostTopology, busy: dict[int, str],
+                  info: dict[str, Any]) -> dict[str, Any]:
+    """The inventory state value (what the router reads)."""
+    free = [i for i in topology.indices if i not in busy]
+    return {"free": free, "busy": {str(k): v for k, v in sorted(busy.items())},
+            "queue": info.get("queue", ""), "worker": info.get("worker", ""),
+            "running": len(set(busy.values())), "updated": time.time()}
+
+
+def publish_ledger(etcd: EtcdGateway, keys: Keys, ledger: HostGpuLedger) -> None:
+    """Write the host's free/busy state under the worker's inventory lease
+    (any process may attach a key to a lease it knows the id of)."""
+    with ledger.locked() as state:
+        lease = int(state.get("lease", 0))
+        if not lease:
+            return
+        busy = HostGpuLedger._busy(state)
+        payload = state_payload(ledger.topology, busy, state)
+        try:
+            etcd.txn(compare=[], success=[op_put(
+                keys.inventory_state(ledger.topology.host),
+                json.dumps(payload), lease)])
+        except Exception as exc:  # noqa: BLE001 - lease gone or etcd down
+            logger.warning("ares: could not publish GPU state of %s: %s "
+                           "(the worker re-publishes with a new lease)",
+                           ledger.topology.host, exc)
