@@ -24,6 +24,7 @@ from .gpu.allocation import (
 )
 from .gpu.discovery import discover_topology
 from .gpu.inventory import InventoryPublisher, host_queue
+from .gpu.janitor import DeadHostJanitor, register_host_queue
 from .gpu.model import HostTopology
 from .gpu.request import GpuRequest
 
@@ -92,6 +93,7 @@ class GpuHostStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.state: GpuWorkerState | None = None
         self.publisher: InventoryPublisher | None = None
+        self.janitor: DeadHostJanitor | None = None
         self._tref = None
         ares = getattr(worker.app, "ares", None)
         if ares is None:
@@ -124,8 +126,11 @@ class GpuHostStep(bootsteps.StartStopStep):
             busy_source=state.ledger.busy)
         self.publisher.publish()
         state.ledger.update_info(lease=self.publisher.lease_id)
+        register_host_queue(ares, state.host, state.queue)
         interval = max(ares.settings.lease_ttl / 3.0, 0.5)
         self._tref = worker.timer.call_repeatedly(interval, self.tick)
+        self.janitor = DeadHostJanitor(ares, state.host, interval)
+        self.janitor.start()
 
     def tick(self) -> None:
         """Re-publish after a lost lease; give back GPUs of dead processes."""
@@ -144,6 +149,9 @@ class GpuHostStep(bootsteps.StartStopStep):
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
+        if self.janitor is not None:
+            self.janitor.stop()
+            self.janitor = None
         if self.publisher is not None:
             self.publisher.withdraw()
             self.publisher = None

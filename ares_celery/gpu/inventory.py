@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -183,7 +184,7 @@ class InventoryCache:
         self._stop.set()
         response = self._response
         if response is not None:
-            response.close()
+            _shutdown_stream(response)
 
     # -- reads -----------------------------------------------------------------
 
@@ -311,6 +312,21 @@ class InventoryCache:
                                             int(kv.get("mod_revision", 0)))
                     self._changed.notify_all()
         raise ServiceUnavailable("inventory watch stream ended")
+
+
+def _shutdown_stream(response: requests.Response) -> None:
+    """Wake the thread blocked reading the watch stream.
+
+    Closing the response from another thread would wait for that reader's
+    buffer lock forever; shutting the socket down makes its ``recv`` return
+    at once (etcd3gw's watcher does the same).
+    """
+    try:
+        fd = response.raw._fp.fileno()  # noqa: SLF001 - no public handle
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def _json_messages(response: requests.Response) -> Iterator[dict[str, Any]]:
