@@ -11,6 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ares_celery.testing.servers import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,7 +48,8 @@ class WorkerProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=self.env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent)
         wait_for(self._ready, timeout, f"worker {self.name} ready")
         return self
 

@@ -228,6 +228,6 @@ def publish_ledger(etcd: EtcdGateway, keys: Keys, ledger: HostGpuLedger) -> None
                 keys.inventory_state(ledger.topology.host),
                 json.dumps(payload), lease)])
         except Exception as exc:  # noqa: BLE001 - lease gone or etcd down
-            logger.warning("ares: could not publish GPU state of %s: %s "
-                           "(the worker re-publishes with a new lease)",
-                           ledger.topology.host, exc)
+            logger.warning("ares: could not publish GPU state of %s under "
+                           "lease %x: %s (the worker's periodic refresh "
+                           "re-publishes it)", ledger.topology.host, lease, exc)

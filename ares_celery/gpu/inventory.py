@@ -99,12 +99,16 @@ class InventoryPublisher:
             self.lease_id = grant.lease_id
 
     def ensure_published(self) -> bool:
-        """Re-publish if the lease was lost (called periodically)."""
+        """Called periodically: re-publish everything on a new lease after
+        a lost one, and the state whenever it differs from what we last
+        wrote (a pool process's own write may have failed). Returns True
+        if the lease changed."""
         try:
-            if not self._keeper.is_valid(self._keeper.current()) or \
-                    self._keeper.current().generation != self._generation:
-                self.publish()
-                return True
+            regranted = self._keeper.current().generation != self._generation
+            busy = dict(self._busy_source()) if self._busy_source else None
+            if regranted or (busy is not None and busy != self._busy):
+                self.publish(busy)
+            return regranted
         except ServiceUnavailable as exc:
             logger.warning("ares: cannot publish GPU inventory: %s", exc)
         return False

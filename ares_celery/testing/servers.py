@@ -47,6 +47,17 @@ def _wait_until(check, deadline_s: float, what: str,
     raise TimeoutError(f"{what} not healthy after {deadline_s}s\n{tail}")
 
 
+def die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the process that started
+    us dies, so a test run that is killed leaves no servers behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: cleanup() still stops the server
+
+
 def _require_binary(name: str, package: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -77,7 +88,7 @@ class _Process:
         self.proc = subprocess.Popen(
             self._command(), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, cwd=self.workdir,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         self.wait_healthy(timeout)
 
@@ -232,7 +243,8 @@ class EtcdCluster:
             log = open(member.log, "ab")
             member.proc = subprocess.Popen(
                 member._command(), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent)
             log.close()
         for member in self.members:
             member.wait_healthy(timeout)

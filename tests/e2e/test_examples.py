@@ -1,0 +1,58 @@
+"""The examples run end to end as a user would run them: ``python -m
+examples.demo`` and ``python -m examples.gpu_training``, each starting its own
+Redis, etcd and real ``celery worker`` processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.processes import ROOT
+
+pytestmark = [pytest.mark.integration]
+
+TIMEOUT_S = 120
+
+
+def run_example(module: str) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ARES_MOCK_GPUS", "ARES_HOST")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=TIMEOUT_S, start_new_session=True)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.output or ""
+        if isinstance(output, bytes):
+            output = output.decode(errors="replace")
+        pytest.fail(f"{module} did not finish in {TIMEOUT_S}s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{proc.stdout[-4000:]}"
+    return proc.stdout
+
+
+def test_demo_runs_the_payment_exactly_once():
+    out = run_example("examples.demo")
+    assert "6 submissions of request_id='order-77'" in out
+    assert "executions       : 1" in out
+    assert "ledger charges   : 1" in out
+    assert "exactly once: YES" in out
+
+
+@pytest.mark.gpu
+def test_gpu_training_routes_jobs_to_both_hosts():
+    out = run_example("examples.gpu_training")
+    assert "worker : train@dgx1" in out and "worker : train@a100" in out
+    assert "hosts used: a100, dgx1" in out
+    assert "first job on the NVSwitch host (a100): YES" in out
+    assert "(same job, same result)" in out
+    assert "no GPU shared by overlapping jobs: YES" in out
+    assert "all GPUs free again: YES" in out
+    assert "exactly once: YES" in out
+    rows = [line.split() for line in out.splitlines()
+            if line.split()[:1] in (["resnet-a"], ["resnet-b"], ["bert-a"], ["bert-b"])]
+    assert len(rows) == 4
+    assert all(row[-1] == "1" for row in rows)  # one execution each
