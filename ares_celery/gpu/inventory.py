@@ -157,6 +157,10 @@ class InventoryCache:
         self._states: dict[str, dict[str, Any]] = {}
         self._built: dict[str, HostInventory] = {}
         self._version = 0
+        # Change log for incremental readers (the router): hosts touched, in
+        # order; the epoch moves on a relist or when the log is trimmed.
+        self._log: list[str] = []
+        self._epoch = 0
         self._guard = threading.Lock()
         self._synced = threading.Event()
         self._changed = threading.Condition(self._guard)
@@ -214,7 +218,21 @@ class InventoryCache:
             with self._changed:
                 self._changed.wait(min(remaining, 0.5))
 
+    def changes_since(self, epoch: int, index: int
+                      ) -> tuple[int, int, list[str] | None]:
+        """Hosts changed since ``(epoch, index)`` and the new position; the
+        list is None when the reader must start over (relist, trimmed
+        log)."""
+        with self._guard:
+            if epoch != self._epoch:
+                return self._epoch, len(self._log), None
+            return epoch, len(self._log), self._log[index:]
+
     def _rebuild(self, host: str) -> None:
+        self._log.append(host)
+        if len(self._log) > 100_000:
+            self._log.clear()
+            self._epoch += 1
         topo, state = self._topologies.get(host), self._states.get(host)
         if topo is None or state is None:
             self._built.pop(host, None)
@@ -264,6 +282,8 @@ class InventoryCache:
             self._topology_raw.clear()
             self._states.clear()
             self._built.clear()
+            self._log.clear()
+            self._epoch += 1
             for kv in kvs:
                 self._apply(kv.key, kv.value)
             self.revision = revision

@@ -40,8 +40,8 @@ def cluster(jobs, store):
 
 def expected(cache, task):
     """What the model says is best right now: the host with the highest
-    placement score on its free GPUs (ties: fewer running jobs, then name),
-    and that placement's GPUs."""
+    placement score on its free GPUs (ties: fewer running jobs, then the
+    alphabetically first name), and that placement's GPUs."""
     req = task.gpu_request
     best = None
     for host, inv in cache.hosts().items():
@@ -50,8 +50,8 @@ def expected(cache, task):
                                **req.placement_kwargs())
         except UnsatisfiableGpuRequest:
             continue
-        key = (p.score, -inv.running, host)
-        if best is None or key > best[0]:
+        key = (-p.score, inv.running, host)
+        if best is None or key < best[0]:
             best = (key, host, list(p.gpus))
     return best[1], best[2]
 
