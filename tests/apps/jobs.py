@@ -156,3 +156,8 @@ def gpu2_nvlink(hold=60):
                min_memory_gb=30)
 def gpu4_nvlink(hold=60):
     return _gpu_body("gpu4_nvlink", hold)
+
+
+@ares.gpu_task(name="jobs.gpu2_limited", gpus=2, time_limit=2)
+def gpu2_limited(hold=60):
+    return _gpu_body("gpu2_limited", hold)

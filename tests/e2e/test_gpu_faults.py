@@ -46,3 +46,27 @@ def test_killed_gpu_worker_job_taken_over_elsewhere(jobs, store):
         cache.stop()
         a100.kill()
         dgx1.stop()
+
+
+def test_hard_time_limit_kill_gives_the_gpus_back(jobs, store):
+    """The pool kills the process at the hard time limit: the job ends in
+    FAILURE (TimeLimitExceeded) and its GPUs are free again."""
+    worker = WorkerProcess(jobs.app, name="w@limited", concurrency=2,
+                           env={"ARES_MOCK_GPUS": "hgx-h100"}).start()
+    cache = InventoryCache(jobs.ares.services.etcd,
+                           jobs.ares.services.keys).start()
+    try:
+        assert cache.wait_for(lambda h: "limited" in h, 20)
+        result = jobs.gpu2_limited.apply_async(request_id="over-time")
+        wait_for(lambda: store.llen(f"test:gpu-started:{result.id}"), 30,
+                 "the job to start")
+        assert cache.wait_for(lambda h: len(h["limited"].free) == 6, 10)
+        with pytest.raises(Exception, match="TimeLimitExceeded|time limit"):
+            result.get(timeout=30)
+        assert result.state == "FAILURE"
+        assert cache.wait_for(
+            lambda h: h["limited"].free == frozenset(range(8)), 15)
+        assert store.hget(f"ares:job:{result.id}", "state") == b"FAILURE"
+    finally:
+        cache.stop()
+        worker.stop()
