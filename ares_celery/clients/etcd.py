@@ -32,7 +32,8 @@ _TRANSIENT = (
 )
 
 
-def _b64(data: str | bytes) -> str:
+def b64(data: str | bytes) -> str:
+    """etcd's JSON gateway wants keys and values base64-encoded."""
     if isinstance(data, str):
         data = data.encode()
     return base64.b64encode(data).decode("ascii")
@@ -87,34 +88,35 @@ class TxnResult:
 
 
 def cmp_create_revision(key: str, revision: int) -> dict[str, Any]:
-    return {"key": _b64(key), "target": "CREATE", "result": "EQUAL",
+    return {"key": b64(key), "target": "CREATE", "result": "EQUAL",
             "create_revision": str(revision)}
 
 
 def cmp_version(key: str, version: int) -> dict[str, Any]:
-    return {"key": _b64(key), "target": "VERSION", "result": "EQUAL",
+    return {"key": b64(key), "target": "VERSION", "result": "EQUAL",
             "version": str(version)}
 
 
 def op_put(key: str, value: str | bytes, lease: int = 0) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
     if lease:
         body["lease"] = str(lease)
     return {"request_put": body}
 
 
 def op_range(key: str, prefix: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key)}
+    body: dict[str, Any] = {"key": b64(key)}
     if prefix:
-        body["range_end"] = _b64(_prefix_end(key))
+        body["range_end"] = b64(prefix_end(key))
     return {"request_range": body}
 
 
 def op_delete(key: str) -> dict[str, Any]:
-    return {"request_delete_range": {"key": _b64(key)}}
+    return {"request_delete_range": {"key": b64(key)}}
 
 
-def _prefix_end(prefix: str) -> bytes:
+def prefix_end(prefix: str) -> bytes:
+    """The range end that selects every key starting with ``prefix``."""
     raw = bytearray(prefix.encode())
     raw[-1] += 1
     return bytes(raw)
@@ -275,14 +277,14 @@ class EtcdGateway:
         )
 
     def get(self, key: str) -> KeyValue | None:
-        resp = self._post("/kv/range", {"key": _b64(key)})
+        resp = self._post("/kv/range", {"key": b64(key)})
         kvs = resp.get("kvs") or []
         return KeyValue.from_json(kvs[0]) if kvs else None
 
     def get_prefix(self, prefix: str, keys_only: bool = False,
                    limit: int = 0) -> list[KeyValue]:
-        body: dict[str, Any] = {"key": _b64(prefix),
-                                "range_end": _b64(_prefix_end(prefix))}
+        body: dict[str, Any] = {"key": b64(prefix),
+                                "range_end": b64(prefix_end(prefix))}
         if keys_only:
             body["keys_only"] = True
         if limit:
@@ -294,8 +296,8 @@ class EtcdGateway:
                                    ) -> tuple[list[KeyValue], int]:
         """All keys under ``prefix`` and the revision they were read at,
         so a watch can continue from exactly there."""
-        resp = self._post("/kv/range", {"key": _b64(prefix),
-                                        "range_end": _b64(_prefix_end(prefix))})
+        resp = self._post("/kv/range", {"key": b64(prefix),
+                                        "range_end": b64(prefix_end(prefix))})
         kvs = [KeyValue.from_json(kv) for kv in resp.get("kvs") or []]
         return kvs, int(resp.get("header", {}).get("revision", 0))
 
@@ -315,7 +317,7 @@ class EtcdGateway:
 
     def count_prefix(self, prefix: str) -> int:
         resp = self._post("/kv/range", {
-            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+            "key": b64(prefix), "range_end": b64(prefix_end(prefix)),
             "count_only": True})
         return int(resp.get("count", 0))
 
@@ -325,12 +327,12 @@ class EtcdGateway:
         return int(resp.get("header", {}).get("revision", 0))
 
     def delete(self, key: str) -> int:
-        resp = self._post("/kv/deleterange", {"key": _b64(key)})
+        resp = self._post("/kv/deleterange", {"key": b64(key)})
         return int(resp.get("deleted", 0))
 
     def delete_prefix(self, prefix: str) -> int:
         resp = self._post("/kv/deleterange", {
-            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
+            "key": b64(prefix), "range_end": b64(prefix_end(prefix))})
         return int(resp.get("deleted", 0))
 
     # -- leases ----------------------------------------------------------

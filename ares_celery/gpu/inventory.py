@@ -21,7 +21,7 @@ from typing import Any
 
 import requests
 
-from ..clients.etcd import EtcdGateway, op_put
+from ..clients.etcd import EtcdGateway, b64, op_put, prefix_end
 from ..errors import ServiceUnavailable
 from ..exactly_once.identity import Keys
 from ..exactly_once.lease import LeaseKeeper
@@ -308,8 +308,8 @@ class InventoryCache:
         """Stream etcd watch events for the prefix until the stream ends."""
         url, session = self._etcd.watch_endpoint()
         body = {"create_request": {
-            "key": _b64(self._prefix),
-            "range_end": _b64(_prefix_end(self._prefix)),
+            "key": b64(self._prefix),
+            "range_end": b64(prefix_end(self._prefix)),
             "start_revision": str(self.revision + 1)}}
         with session.post(url, json=body, stream=True,
                           timeout=(self._etcd.timeout, None)) as response:
@@ -377,17 +377,6 @@ def _json_messages(response: requests.Response) -> Iterator[dict[str, Any]]:
                 continue  # an incomplete message: wait for the rest
             buffer = b""
             yield message
-
-
-def _b64(data: str | bytes) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.b64encode(raw).decode()
-
-
-def _prefix_end(prefix: str) -> bytes:
-    raw = bytearray(prefix.encode())
-    raw[-1] += 1
-    return bytes(raw)
 
 
 def free_gpus_summary(hosts: Iterable[HostInventory]) -> list[dict[str, Any]]:
