@@ -22,6 +22,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gpu_state_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu-ledgers")
+    os.environ["ARES_TEST_STATE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     server = RedisServer()

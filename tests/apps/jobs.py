@@ -33,6 +33,9 @@ def make_app(name: str = "jobs", **overrides) -> tuple[Celery, Ares]:
             "unacked_restore_throttle": 1,
         },
         worker_prefetch_multiplier=1,
+        # One GPU ledger dir per test session: two sessions on one machine
+        # must not share the files of their same-named mock hosts.
+        ares_gpu_state_dir=os.environ.get("ARES_TEST_STATE_DIR"),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
