@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import socket
 import threading
+import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,10 +32,10 @@ from .lease import LeaseGrant
 
 logger = logging.getLogger(__name__)
 
-#: Locks of committed jobs are deleted in batches of at most this many keys,
-#: at most this long after the commit.
-RELEASE_BATCH = 128
-RELEASE_DELAY_S = 0.02
+#: Locks of committed jobs are deleted with the next lock Txn, at most this
+#: many at a time, or by a background thread once they waited this long.
+RELEASE_BATCH = 64
+RELEASE_IDLE_S = 0.5
 
 Status = Literal["acquired", "held", "committed"]
 
@@ -56,21 +57,34 @@ class JobLocks:
         self._keys = keys
         self._check_done = check_done_marker
         self._host = socket.gethostname()
-        self._pending: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._pending: deque[tuple[float, str]] = deque()
+        self._pending_guard = threading.Lock()
         self._releaser: threading.Thread | None = None
         self._releaser_guard = threading.Lock()
 
     def acquire(self, job_id: str, grant: LeaseGrant) -> LockOutcome:
         lock_key = self._keys.lock(job_id)
+        if self._is_pending(lock_key):
+            # This process committed the job; its lock just has not been
+            # deleted yet. A redelivered message is simply skipped.
+            return LockOutcome("committed")
         nonce = uuid.uuid4().hex
         value = json.dumps({"host": self._host, "pid": os.getpid(),
                             "lease": grant.lease_id, "nonce": nonce})
         reads = [op_range(self._keys.done(job_id))] if self._check_done else []
-        result = self._etcd.txn(
-            compare=[cmp_create_revision(lock_key, 0)],
-            success=[op_put(lock_key, value, grant.lease_id), *reads],
-            failure=[op_range(lock_key), *reads],
-        )
+        # Locks of jobs this process committed are deleted in the same Txn.
+        discard = self._take_pending(RELEASE_BATCH, exclude=lock_key)
+        deletes = [op_delete(key) for key in discard]
+        try:
+            result = self._etcd.txn(
+                compare=[cmp_create_revision(lock_key, 0)],
+                success=[op_put(lock_key, value, grant.lease_id), *reads,
+                         *deletes],
+                failure=[op_range(lock_key), *reads, *deletes],
+            )
+        except ServiceUnavailable:
+            self._restore_pending(discard)
+            raise
         ranges = result.ranges()
         if result.succeeded:
             token = result.revision
@@ -102,14 +116,17 @@ class JobLocks:
         return result.succeeded
 
     def discard_after_commit(self, job_id: str) -> None:
-        """Drop a committed job's lock off the critical path.
+        """Drop a committed job's lock without a round trip of its own.
 
         Once the result is committed nobody needs the lock (any later
         message for the job is skipped as committed), so an unconditional
-        delete is safe here and many can share one etcd transaction. If the
-        process dies first, the lock goes with its lease.
+        delete is safe, and it rides along in this process's next lock Txn.
+        A background thread deletes what waited longer than
+        ``RELEASE_IDLE_S`` (an idle worker). If the process dies first, the
+        lock goes with its lease.
         """
-        self._pending.put(self._keys.lock(job_id))
+        with self._pending_guard:
+            self._pending.append((time.monotonic(), self._keys.lock(job_id)))
         if self._releaser is None or not self._releaser.is_alive():
             with self._releaser_guard:
                 if self._releaser is None or not self._releaser.is_alive():
@@ -120,37 +137,53 @@ class JobLocks:
 
     def flush(self) -> None:
         """Delete every queued lock now (worker shutdown)."""
-        batch = self._drain(block=False)
-        while batch:
-            self._delete_batch(batch)
-            batch = self._drain(block=False)
+        while True:
+            batch = self._take_pending(RELEASE_BATCH)
+            if not batch:
+                return
+            if not self._delete_batch(batch):
+                return
 
-    def _drain(self, block: bool) -> list[str]:
-        keys: list[str] = []
-        try:
-            keys.append(self._pending.get(block=block, timeout=1.0 if block
-                                          else None))
-        except queue.Empty:
+    def _is_pending(self, key: str) -> bool:
+        with self._pending_guard:
+            return any(entry[1] == key for entry in self._pending)
+
+    def _take_pending(self, limit: int, exclude: str = "",
+                      older_than: float | None = None) -> list[str]:
+        with self._pending_guard:
+            if older_than is not None and (
+                    not self._pending or self._pending[0][0] > older_than):
+                return []
+            keys: list[str] = []
+            kept: list[tuple[float, str]] = []
+            while self._pending and len(keys) < limit:
+                entry = self._pending.popleft()
+                if entry[1] == exclude:
+                    kept.append(entry)
+                elif entry[1] not in keys:
+                    keys.append(entry[1])
+            self._pending.extendleft(reversed(kept))
             return keys
-        while len(keys) < RELEASE_BATCH:
-            try:
-                keys.append(self._pending.get(timeout=RELEASE_DELAY_S))
-            except queue.Empty:
-                break
-        return list(dict.fromkeys(keys))  # a txn may touch a key only once
 
-    def _delete_batch(self, keys: list[str]) -> None:
+    def _restore_pending(self, keys: list[str]) -> None:
+        now = time.monotonic()
+        with self._pending_guard:
+            self._pending.extendleft((now, key) for key in reversed(keys))
+
+    def _delete_batch(self, keys: list[str]) -> bool:
         try:
             self._etcd.txn(compare=[], success=[op_delete(k) for k in keys])
+            return True
         except ServiceUnavailable as exc:
             logger.warning("ares: could not delete %d committed locks (%s); "
                            "retrying", len(keys), exc)
-            for key in keys:
-                self._pending.put(key)
-            threading.Event().wait(0.5)
+            self._restore_pending(keys)
+            return False
 
     def _release_loop(self) -> None:
         while True:
-            batch = self._drain(block=True)
+            time.sleep(RELEASE_IDLE_S)
+            batch = self._take_pending(
+                RELEASE_BATCH, older_than=time.monotonic() - RELEASE_IDLE_S)
             if batch:
                 self._delete_batch(batch)
