@@ -8,11 +8,15 @@ app through ``ctx.obj``.
 from __future__ import annotations
 
 import json
+import uuid
 
 import click
 from celery.bin.base import CeleryCommand, CLIContext
 
+from .clients.etcd import cmp_create_revision, op_delete
+from .clients.redis import redact_url, unavailable_as_ares_error
 from .errors import AresError
+from .exactly_once.identity import job_id_for, validate_request_id
 from .gpu import best_placement
 from .gpu.discovery import discover_topology
 from .gpu.inventory import InventoryCache
@@ -121,3 +125,120 @@ def inventory(ctx: click.Context, as_json: bool) -> None:
     for row in rows:
         click.echo(f"{row['host']:20} {row['queue']:28} {row['gpus']:>4} "
                    f"{len(row['free']):>4}  {row['free']}")
+
+
+def _fail(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+def _job_id(instance, ref: str) -> tuple[str, str | None]:
+    """``ref`` is a job id (a UUID) or a request id."""
+    try:
+        return str(uuid.UUID(ref)), None
+    except ValueError:
+        try:
+            rid = validate_request_id(ref)
+        except AresError as exc:
+            raise _fail(exc) from exc
+        return job_id_for(instance.settings.namespace, rid), rid
+
+
+@ares.command(cls=CeleryCommand)
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Are etcd and Redis reachable; hosts, free GPUs, locks, fenced commits."""
+    instance = _ares(ctx)
+    services, settings = instance.services, instance.settings
+    try:
+        info = services.etcd.status()
+        click.echo(f"etcd   {settings.etcd_address}: ok (version "
+                   f"{info.get('version', '?')}, revision "
+                   f"{info.get('header', {}).get('revision', '?')})")
+        with unavailable_as_ares_error(settings.redis_url):
+            version = services.redis.info("server").get("redis_version", "?")
+            click.echo(f"redis  {redact_url(settings.redis_url)}: ok "
+                       f"(version {version})")
+            keys = services.keys
+            locks = services.etcd.count_prefix(f"/{settings.namespace}/locks/")
+            hosts = InventoryCache(services.etcd, keys).load_once().hosts()
+            free = sum(len(h.free) for h in hosts.values())
+            total = sum(len(h.topology) for h in hosts.values())
+            fenced = services.redis.xlen(keys.fenced_log())
+    except AresError as exc:
+        raise _fail(exc) from exc
+    click.echo(f"hosts  {len(hosts)} GPU host(s), {free}/{total} GPUs free")
+    click.echo(f"locks  {locks} job lock(s) held")
+    click.echo(f"fenced {fenced} rejected (zombie) commit(s) recorded")
+
+
+@ares.command(cls=CeleryCommand)
+@click.argument("ref")
+@click.pass_context
+def job(ctx: click.Context, ref: str) -> None:
+    """Who holds a job's lease, its token, and whether it is committed."""
+    instance = _ares(ctx)
+    services = instance.services
+    job_id, rid = _job_id(instance, ref)
+    try:
+        with unavailable_as_ares_error(instance.settings.redis_url):
+            lock = services.etcd.get(services.keys.lock(job_id))
+            record = services.redis.hgetall(services.keys.job(job_id))
+            dedup = services.redis.hgetall(services.keys.dedup(rid)) \
+                if rid else {}
+            meta = instance.app.backend.get_task_meta(job_id)
+            ttl = services.etcd.lease_ttl(lock.lease) \
+                if lock and lock.lease else None
+    except AresError as exc:
+        raise _fail(exc) from exc
+    decoded = {k.decode(): v.decode() for k, v in record.items()}
+    click.echo(f"job        {job_id}" + (f" (request id {rid!r})" if rid else ""))
+    if dedup:
+        click.echo(f"submitted  {dedup.get(b'state', b'?').decode()} "
+                   f"(task {dedup.get(b'task', b'?').decode()})")
+    if lock is not None:
+        holder = json.loads(lock.value or b"{}")
+        click.echo(f"lease      held by {holder.get('host')}:{holder.get('pid')} "
+                   f"token {lock.create_revision}, lease {lock.lease:x} "
+                   f"ttl {ttl}s")
+    else:
+        click.echo("lease      not held")
+    click.echo(f"fence      {decoded.get('fence', '-')}")
+    if "committed" in decoded:
+        click.echo(f"committed  yes: {decoded.get('state')} with token "
+                   f"{decoded['committed']}")
+    else:
+        click.echo(f"committed  no (state {meta.get('status')})")
+    if decoded.get("fenced"):
+        click.echo(f"rejected   {decoded['fenced']} zombie commit(s)")
+
+
+@ares.command(cls=CeleryCommand)
+@click.argument("job_id")
+@click.pass_context
+def release(ctx: click.Context, job_id: str) -> None:
+    """Delete a job's lock, only if its holder's lease is gone."""
+
+    instance = _ares(ctx)
+    services = instance.services
+    key = services.keys.lock(job_id)
+    try:
+        lock = services.etcd.get(key)
+        if lock is None:
+            click.echo(f"job {job_id}: no lock held; nothing to release")
+            return
+        ttl = services.etcd.lease_ttl(lock.lease) if lock.lease else -1
+        if ttl > 0:
+            holder = json.loads(lock.value or b"{}")
+            raise click.ClickException(
+                f"refusing: job {job_id} is held by {holder.get('host')}:"
+                f"{holder.get('pid')} whose lease {lock.lease:x} is alive "
+                f"({ttl}s left); it frees itself if that worker dies")
+        result = services.etcd.txn(
+            compare=[cmp_create_revision(key, lock.create_revision)],
+            success=[op_delete(key)])
+    except AresError as exc:
+        raise _fail(exc) from exc
+    if not result.succeeded:
+        raise click.ClickException(
+            f"job {job_id}: the lock changed while releasing; run it again")
+    click.echo(f"job {job_id}: released lock (token {lock.create_revision})")

@@ -65,3 +65,52 @@ def test_inventory_with_etcd_down_is_a_clear_error(services):
         assert f"127.0.0.1:{services[1].client_port}" in out.stderr
     finally:
         services[1].start()
+
+
+def test_status_reports_services_hosts_and_locks(services, etcd):
+    pub = InventoryPublisher(etcd, Keys("ares"), mock_topology("hgx-h100", host="h1"),
+                             lease_ttl=10, queue="ares.gpu.h1")
+    pub.publish(busy={0: "j"})
+    try:
+        out = celery("status")
+        assert out.returncode == 0, out.stderr
+        assert "etcd" in out.stdout and ": ok" in out.stdout
+        assert "1 GPU host(s), 7/8 GPUs free" in out.stdout
+        assert "0 job lock(s) held" in out.stdout
+    finally:
+        pub.withdraw()
+
+
+def test_status_names_the_unreachable_redis(services):
+    services[0].stop()
+    try:
+        out = celery("status")
+        assert out.returncode != 0
+        assert f"127.0.0.1:{services[0].port}" in out.stderr
+    finally:
+        services[0].start()
+
+
+def test_job_shows_committed_result_and_release_refuses_live_holder(
+        jobs, worker, etcd):
+    result = jobs.record.apply_async(("x",), request_id="cli-job")
+    token = result.get(timeout=20)["token"]
+    out = celery("job", "cli-job")
+    assert out.returncode == 0, out.stderr
+    assert result.id in out.stdout
+    assert f"committed  yes: SUCCESS with token {token}" in out.stdout
+
+    lease = etcd.grant_lease(30)            # a live holder of another job
+    etcd.put("/ares/locks/held-job", json.dumps({"host": "h", "pid": 1}),
+             lease=lease)
+    out = celery("job", "00000000-0000-0000-0000-000000000000")
+    assert "lease      not held" in out.stdout
+    refused = celery("release", "held-job")
+    assert refused.returncode != 0 and "refusing" in refused.stderr
+    assert etcd.get("/ares/locks/held-job") is not None
+
+    etcd.put("/ares/locks/stuck-job", "{}")  # no live lease behind it
+    done = celery("release", "stuck-job")
+    assert done.returncode == 0 and "released" in done.stdout
+    assert etcd.get("/ares/locks/stuck-job") is None
+    assert "no lock held" in celery("release", "stuck-job").stdout
