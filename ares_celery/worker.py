@@ -145,6 +145,24 @@ class GpuHostStep(bootsteps.StartStopStep):
         except Exception as exc:  # noqa: BLE001 - never kill the timer
             logger.warning("ares: GPU inventory refresh failed: %s", exc)
 
+    def info(self, worker: Any) -> dict[str, Any]:
+        """Shown by ``celery inspect stats`` (and Flower's worker page)."""
+        if self.state is None:
+            return {}
+        state = self.state
+        busy = state.ledger.busy()
+        links = sorted({state.topology.link(i, j).label()
+                        for i in state.topology.indices
+                        for j in state.topology.indices if i < j})
+        return {"ares_gpu": {
+            "host": state.host, "queue": state.queue,
+            "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid,
+                      "memory_mb": g.memory_total_mb,
+                      "busy": busy.get(g.index)} for g in state.topology.gpus],
+            "free": [i for i in state.topology.indices if i not in busy],
+            "links": links,
+        }}
+
     def stop(self, worker: Any) -> None:
         if self._tref is not None:
             self._tref.cancel()

@@ -84,6 +84,11 @@ def test_jobs_land_on_the_best_host_and_gpus(jobs, cluster, store):
         assert (value["host"], value["gpus"]) == (host, gpus), task.name
         assert value["cuda"] == ",".join(str(g) for g in gpus)
         assert len(value["uuids"]) == task.gpu_request.gpus
+    # The worker's GPU inventory is in `celery inspect stats` (Flower shows it).
+    stats = jobs.app.control.inspect(["w@a100"], timeout=5).stats()
+    gpu = stats["w@a100"]["ares_gpu"]
+    assert gpu["host"] == "a100" and len(gpu["gpus"]) == 8
+    assert gpu["queue"] == "ares.gpu.a100" and "NV12/NVSwitch" in gpu["links"]
     # Spot-check the model's choices the test relied on.
     assert results[0][2] == "a100"              # NVLink ring, NV12 x 25 GB/s
     assert results[1][2:] == ("dgx1", list(range(8)))
