@@ -4,7 +4,6 @@ from .app import Ares, AresWarning
 from .errors import (
     AresError,
     ConfigurationError,
-    FencedCommit,
     InvalidRequestId,
     LeaseLost,
     RequestIdConflict,
@@ -17,7 +16,6 @@ __all__ = [
     "AresError",
     "AresWarning",
     "ConfigurationError",
-    "FencedCommit",
     "InvalidRequestId",
     "JobContext",
     "LeaseLost",

@@ -67,14 +67,7 @@ class Ares:
 
     def task(self, *args: Any, **options: Any) -> Any:
         """``@ares.task`` or ``@ares.task(name=..., **celery_options)``."""
-        if len(args) == 1 and callable(args[0]) and not options:
-            return self._make_task(args[0], {})
-
-        def decorate(fun: Callable[..., Any]) -> Task:
-            return self._make_task(fun, options)
-        if args:
-            raise TypeError("ares.task takes only keyword options")
-        return decorate
+        return self._decorator("task", args, options, self._task_base)
 
     def gpu_task(self, *args: Any, gpus: int = 1,
                  min_memory_gb: float | None = None,
@@ -82,24 +75,23 @@ class Ares:
         """``@ares.gpu_task(gpus=4, min_memory_gb=40, interconnect="nvlink")``:
         an exactly-once task routed to the host where those GPUs are best
         connected, run with ``CUDA_VISIBLE_DEVICES`` set to them."""
-        request = GpuRequest(gpus, min_memory_gb, interconnect)
-        base = self._gpu_task_base
-        if options.get("base") is not None:
-            user_base = options.pop("base")
-            base = type(f"AresGpu{user_base.__name__}", (base, user_base),
-                        {"__module__": user_base.__module__})
-        options = dict(options, base=base, gpu_request=request)
+        options["gpu_request"] = GpuRequest(gpus, min_memory_gb, interconnect)
+        return self._decorator("gpu_task", args, options, self._gpu_task_base)
+
+    def _decorator(self, name: str, args: tuple, options: dict[str, Any],
+                   default_base: type) -> Any:
+        """Both decorator forms: bare ``@ares.task`` and ``@ares.task(...)``."""
         if len(args) == 1 and callable(args[0]):
-            return self._make_task(args[0], options)
+            return self._make_task(args[0], options, default_base)
         if args:
-            raise TypeError("ares.gpu_task takes only keyword options")
+            raise TypeError(f"ares.{name} takes only keyword options")
 
         def decorate(fun: Callable[..., Any]) -> Task:
-            return self._make_task(fun, options)
+            return self._make_task(fun, options, default_base)
         return decorate
 
-    def _make_task(self, fun: Callable[..., Any],
-                   options: dict[str, Any]) -> Task:
+    def _make_task(self, fun: Callable[..., Any], options: dict[str, Any],
+                   default_base: type) -> Task:
         for flag in ("acks_late", "reject_on_worker_lost"):
             if options.get(flag, True) is not True:
                 raise ConfigurationError(
@@ -112,9 +104,9 @@ class Ares:
         options = dict(options)
         base = options.pop("base", None)
         if base is None:
-            base = self._task_base
-        elif not issubclass(base, ExactlyOnceTask):
-            base = type(f"Ares{base.__name__}", (self._task_base, base), {
+            base = default_base
+        elif not issubclass(base, default_base):
+            base = type(f"Ares{base.__name__}", (default_base, base), {
                 "__module__": base.__module__})
         return self.app.task(fun, base=base, acks_late=True,
                              reject_on_worker_lost=True, **options)

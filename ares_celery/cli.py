@@ -159,7 +159,7 @@ def status(ctx: click.Context) -> None:
             click.echo(f"redis  {redact_url(settings.redis_url)}: ok "
                        f"(version {version})")
             keys = services.keys
-            locks = services.etcd.count_prefix(f"/{settings.namespace}/locks/")
+            locks = services.etcd.count_prefix(keys.lock_prefix())
             hosts = InventoryCache(services.etcd, keys).load_once().hosts()
             free = sum(len(h.free) for h in hosts.values())
             total = sum(len(h.topology) for h in hosts.values())
@@ -169,6 +169,17 @@ def status(ctx: click.Context) -> None:
     click.echo(f"hosts  {len(hosts)} GPU host(s), {free}/{total} GPUs free")
     click.echo(f"locks  {locks} job lock(s) held")
     click.echo(f"fenced {fenced} rejected (zombie) commit(s) recorded")
+
+
+def _read_lock(services, job_id: str):
+    """The job's lock key-value, its holder, and its lease's TTL (-1: the
+    lease is gone, or the lock has none)."""
+    lock = services.etcd.get(services.keys.lock(job_id))
+    if lock is None:
+        return None, {}, -1
+    holder = json.loads(lock.value or b"{}")
+    ttl = services.etcd.lease_ttl(lock.lease) if lock.lease else -1
+    return lock, holder, ttl
 
 
 @ares.command(cls=CeleryCommand)
@@ -181,13 +192,11 @@ def job(ctx: click.Context, ref: str) -> None:
     job_id, rid = _job_id(instance, ref)
     try:
         with unavailable_as_ares_error(instance.settings.redis_url):
-            lock = services.etcd.get(services.keys.lock(job_id))
+            lock, holder, ttl = _read_lock(services, job_id)
             record = services.redis.hgetall(services.keys.job(job_id))
             dedup = services.redis.hgetall(services.keys.dedup(rid)) \
                 if rid else {}
             meta = instance.app.backend.get_task_meta(job_id)
-            ttl = services.etcd.lease_ttl(lock.lease) \
-                if lock and lock.lease else None
     except AresError as exc:
         raise _fail(exc) from exc
     decoded = {k.decode(): v.decode() for k, v in record.items()}
@@ -196,7 +205,6 @@ def job(ctx: click.Context, ref: str) -> None:
         click.echo(f"submitted  {dedup.get(b'state', b'?').decode()} "
                    f"(task {dedup.get(b'task', b'?').decode()})")
     if lock is not None:
-        holder = json.loads(lock.value or b"{}")
         click.echo(f"lease      held by {holder.get('host')}:{holder.get('pid')} "
                    f"token {lock.create_revision}, lease {lock.lease:x} "
                    f"ttl {ttl}s")
@@ -217,18 +225,15 @@ def job(ctx: click.Context, ref: str) -> None:
 @click.pass_context
 def release(ctx: click.Context, job_id: str) -> None:
     """Delete a job's lock, only if its holder's lease is gone."""
-
     instance = _ares(ctx)
     services = instance.services
     key = services.keys.lock(job_id)
     try:
-        lock = services.etcd.get(key)
+        lock, holder, ttl = _read_lock(services, job_id)
         if lock is None:
             click.echo(f"job {job_id}: no lock held; nothing to release")
             return
-        ttl = services.etcd.lease_ttl(lock.lease) if lock.lease else -1
         if ttl > 0:
-            holder = json.loads(lock.value or b"{}")
             raise click.ClickException(
                 f"refusing: job {job_id} is held by {holder.get('host')}:"
                 f"{holder.get('pid')} whose lease {lock.lease:x} is alive "

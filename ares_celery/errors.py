@@ -31,10 +31,6 @@ class LeaseLost(AresError):
     """The worker no longer holds the job's lease: its commit will be fenced."""
 
 
-class FencedCommit(AresError):
-    """A result write was refused because its fencing token is stale."""
-
-
 class GpuRequestError(AresError, ValueError):
     """A GPU requirement that is malformed (bad count, memory or link type)."""
 

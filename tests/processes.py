@@ -7,24 +7,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-from ares_celery.testing.servers import die_with_parent
+from ares_celery.testing.servers import die_with_parent, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it returns a truthy value or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def wait_for(predicate, timeout: float, what: str):
+    """Poll ``predicate`` until it returns a truthy value, with a deadline."""
+    return wait_until(predicate, timeout, what, max_pause=0.05)
 
 
 class WorkerProcess:

@@ -115,7 +115,8 @@ class FencedEtcdBackend(KeyValueStoreBackend):
             if terminal:
                 mark_committed(task_id, lock_released=bool(token))
             return result
-        done = outcome.ranges()[0] if outcome.ranges() else []
+        ranges = outcome.ranges()
+        done = ranges[0] if ranges else []
         if done:
             committed = json.loads(done[0].value).get("token", 0)
             if token and committed == token:
@@ -127,10 +128,4 @@ class FencedEtcdBackend(KeyValueStoreBackend):
                           lease=lease)
             report_rejected(task_id, state, token, "fenced", "a newer holder")
         return result
-
-    # -- helpers for the task ---------------------------------------------
-
-    def committed_token(self, job_id: str) -> str | None:
-        kv = self.etcd.get(self._keys.done(job_id))
-        return str(json.loads(kv.value).get("token")) if kv else None
 

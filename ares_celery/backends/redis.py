@@ -72,10 +72,6 @@ class FencedRedisBackend(RedisBackend):
             keys=[self._keys.job(job_id)], args=[token, ttl]), ())
         return bytes_to_str(committed) if committed else None
 
-    def committed_token(self, job_id: str) -> str | None:
-        value = self.client.hget(self._keys.job(job_id), "committed")
-        return bytes_to_str(value) if value else None
-
     # -- Celery's storage hook -------------------------------------------
 
     def _store_result(self, task_id, result, state, traceback=None,
@@ -101,12 +97,4 @@ class FencedRedisBackend(RedisBackend):
         else:
             report_rejected(task_id, state, token, reason, current)
         return result
-
-    def fenced_commits(self, count: int = 100) -> list[dict]:
-        """Most recent rejected commits, newest first (for ops tooling)."""
-        entries = self.client.xrevrange(self._keys.fenced_log(), count=count)
-        return [{"id": bytes_to_str(eid), "at": int(bytes_to_str(eid)
-                 .split("-")[0]) / 1000.0,
-                 **{bytes_to_str(k): bytes_to_str(v) for k, v in f.items()}}
-                for eid, f in entries]
 

@@ -281,17 +281,6 @@ class EtcdGateway:
         kvs = resp.get("kvs") or []
         return KeyValue.from_json(kvs[0]) if kvs else None
 
-    def get_prefix(self, prefix: str, keys_only: bool = False,
-                   limit: int = 0) -> list[KeyValue]:
-        body: dict[str, Any] = {"key": b64(prefix),
-                                "range_end": b64(prefix_end(prefix))}
-        if keys_only:
-            body["keys_only"] = True
-        if limit:
-            body["limit"] = str(limit)
-        resp = self._post("/kv/range", body)
-        return [KeyValue.from_json(kv) for kv in resp.get("kvs") or []]
-
     def range_prefix_with_revision(self, prefix: str
                                    ) -> tuple[list[KeyValue], int]:
         """All keys under ``prefix`` and the revision they were read at,

@@ -18,6 +18,7 @@ from typing import Literal
 
 import redis
 
+from ..clients.redis import unavailable_as_ares_error
 from ..errors import RequestIdConflict, ServiceUnavailable
 from .identity import Keys
 
@@ -136,8 +137,5 @@ class DedupStore:
             pass  # the claim goes stale by itself and a retry takes it over
 
     def _call(self, script, keys, args):
-        try:
+        with unavailable_as_ares_error(self._url):
             return script(keys=keys, args=args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ServiceUnavailable(
-                f"Redis unreachable at {self._url}: {exc}") from exc

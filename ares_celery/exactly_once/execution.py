@@ -58,12 +58,12 @@ class JobRuntime:
             grant = services.keeper.current()
             outcome = services.locks.acquire(job_id, grant)
         except ServiceUnavailable as exc:
-            self._defer(task, f"etcd unavailable ({exc})")
+            self.defer(task, f"etcd unavailable ({exc})")
         if outcome.status == "committed":
             self._skip(job_id)
         if outcome.status == "held":
             holder = outcome.holder or {}
-            self._defer(task, f"lock held by {holder.get('host')}:"
+            self.defer(task, f"lock held by {holder.get('host')}:"
                               f"{holder.get('pid')}")
         token = outcome.token
         backend = self._backend()
@@ -73,7 +73,7 @@ class JobRuntime:
                 committed = register_fence(job_id, token)
             except Exception as exc:  # noqa: BLE001 - any store error defers
                 self._release_quietly(job_id, token)
-                self._defer(task, f"result store unavailable ({exc})")
+                self.defer(task, f"result store unavailable ({exc})")
             if committed:
                 self._release_quietly(job_id, token)
                 self._skip(job_id)
@@ -110,9 +110,6 @@ class JobRuntime:
         logger.info("ares: job %s already committed; message acked, "
                     "not run again", job_id)
         raise Ignore()
-
-    def _defer(self, task: Task, why: str) -> None:
-        self.defer(task, why)
 
     def defer(self, task: Task, why: str, queue: str | None = None,
               headers: dict[str, Any] | None = None,

@@ -65,8 +65,11 @@ class Keys:
         """Redis stream recording every rejected (fenced) commit."""
         return f"{self.namespace}:fenced"
 
+    def lock_prefix(self) -> str:
+        return f"/{self.namespace}/locks/"
+
     def lock(self, job_id: str) -> str:
-        return f"/{self.namespace}/locks/{job_id}"
+        return f"{self.lock_prefix()}{job_id}"
 
     def result(self, job_id: str) -> str:
         return f"/{self.namespace}/results/{job_id}"

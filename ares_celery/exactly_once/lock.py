@@ -15,8 +15,8 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from typing import Literal
 
 from ..clients.etcd import (
@@ -57,7 +57,8 @@ class JobLocks:
         self._keys = keys
         self._check_done = check_done_marker
         self._host = socket.gethostname()
-        self._pending: deque[tuple[float, str]] = deque()
+        # Lock key -> when its job committed, oldest first (dicts keep order).
+        self._pending: dict[str, float] = {}
         self._pending_guard = threading.Lock()
         self._releaser: threading.Thread | None = None
         self._releaser_guard = threading.Lock()
@@ -126,7 +127,7 @@ class JobLocks:
         lock goes with its lease.
         """
         with self._pending_guard:
-            self._pending.append((time.monotonic(), self._keys.lock(job_id)))
+            self._pending.setdefault(self._keys.lock(job_id), time.monotonic())
         if self._releaser is None or not self._releaser.is_alive():
             with self._releaser_guard:
                 if self._releaser is None or not self._releaser.is_alive():
@@ -146,29 +147,26 @@ class JobLocks:
 
     def _is_pending(self, key: str) -> bool:
         with self._pending_guard:
-            return any(entry[1] == key for entry in self._pending)
+            return key in self._pending
 
     def _take_pending(self, limit: int, exclude: str = "",
                       older_than: float | None = None) -> list[str]:
         with self._pending_guard:
             if older_than is not None and (
-                    not self._pending or self._pending[0][0] > older_than):
+                    not self._pending
+                    or next(iter(self._pending.values())) > older_than):
                 return []
-            keys: list[str] = []
-            kept: list[tuple[float, str]] = []
-            while self._pending and len(keys) < limit:
-                entry = self._pending.popleft()
-                if entry[1] == exclude:
-                    kept.append(entry)
-                elif entry[1] not in keys:
-                    keys.append(entry[1])
-            self._pending.extendleft(reversed(kept))
+            keys = list(islice((key for key in self._pending
+                                if key != exclude), limit))
+            for key in keys:
+                del self._pending[key]
             return keys
 
     def _restore_pending(self, keys: list[str]) -> None:
         now = time.monotonic()
         with self._pending_guard:
-            self._pending.extendleft((now, key) for key in reversed(keys))
+            for key in keys:
+                self._pending.setdefault(key, now)
 
     def _delete_batch(self, keys: list[str]) -> bool:
         try:

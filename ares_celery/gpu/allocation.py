@@ -28,6 +28,7 @@ from typing import Any
 from ..clients.etcd import EtcdGateway, op_put
 from ..errors import AresError, UnsatisfiableGpuRequest
 from ..exactly_once.identity import Keys
+from .inventory import state_payload
 from .model import HostTopology
 from .placement import Placement, best_placement
 from .request import GpuRequest
@@ -116,10 +117,6 @@ class HostGpuLedger:
         with self.locked() as state:
             state.update(info)
 
-    def info(self) -> dict[str, Any]:
-        with self.locked() as state:
-            return dict(state)
-
     def busy(self) -> dict[int, str]:
         with self.locked() as state:
             self._reap(state)
@@ -203,15 +200,6 @@ class HostGpuLedger:
                            "again", job, allocations[job]["gpus"])
             del allocations[job]
         return dead
-
-
-def state_payload(topology: HostTopology, busy: dict[int, str],
-                  info: dict[str, Any]) -> dict[str, Any]:
-    """The inventory state value (what the router reads)."""
-    free = [i for i in topology.indices if i not in busy]
-    return {"free": free, "busy": {str(k): v for k, v in sorted(busy.items())},
-            "queue": info.get("queue", ""), "worker": info.get("worker", ""),
-            "running": len(set(busy.values())), "updated": time.time()}
 
 
 def publish_ledger(etcd: EtcdGateway, keys: Keys, ledger: HostGpuLedger) -> None:

@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +75,6 @@ class InventoryPublisher:
         self._busy_source = busy_source
         self._generation = 0
         self.lease_id = 0
-        self._stopped = threading.Event()
 
     @property
     def host(self) -> str:
@@ -113,26 +112,23 @@ class InventoryPublisher:
             logger.warning("ares: cannot publish GPU inventory: %s", exc)
         return False
 
-    def start_background(self) -> None:
-        """Re-publish by itself after a lost lease (etcd outage, pause)."""
-        def loop() -> None:
-            while not self._stopped.wait(max(self._keeper.ttl / 3.0, 0.2)):
-                self.ensure_published()
-        self._stopped.clear()
-        threading.Thread(target=loop, daemon=True,
-                         name="ares-inventory-publish").start()
-
     def withdraw(self) -> None:
         """Remove the host at once (clean shutdown)."""
-        self._stopped.set()
         self._keeper.close()
 
     def _state(self) -> dict[str, Any]:
-        free = [i for i in self.topology.indices if i not in self._busy]
-        return {"free": free, "busy": {str(k): v for k, v in self._busy.items()},
-                "queue": self.queue, "worker": self.worker,
-                "running": len(set(self._busy.values())),
-                "updated": time.time()}
+        return state_payload(self.topology, self._busy,
+                             {"queue": self.queue, "worker": self.worker})
+
+
+def state_payload(topology: HostTopology, busy: Mapping[int, str],
+                  info: Mapping[str, Any]) -> dict[str, Any]:
+    """The inventory state value (what the router reads), written by the
+    worker's publisher and by its pool processes alike."""
+    free = [i for i in topology.indices if i not in busy]
+    return {"free": free, "busy": {str(k): v for k, v in sorted(busy.items())},
+            "queue": info.get("queue", ""), "worker": info.get("worker", ""),
+            "running": len(set(busy.values())), "updated": time.time()}
 
 
 def _parse_host(key: str, prefix: str) -> tuple[str, str] | None:
@@ -378,7 +374,3 @@ def _json_messages(response: requests.Response) -> Iterator[dict[str, Any]]:
             buffer = b""
             yield message
 
-
-def free_gpus_summary(hosts: Iterable[HostInventory]) -> list[dict[str, Any]]:
-    """Rows for the CLI: host, queue, GPUs, free list."""
-    return [inv.to_dict() for inv in sorted(hosts, key=lambda h: h.host)]

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from ..errors import AresError, NoGpuHosts, UnsatisfiableGpuRequest
 from ..exactly_once.context import JobContext
+from ..exactly_once.execution import header
 from ..exactly_once.task import ExactlyOnceTask
 from ..routing import ROUTE_HEADER
 from .allocation import GpusBusy
@@ -70,8 +71,7 @@ class GpuTask(ExactlyOnceTask):
         gpu = self._ares.gpu_worker
         exclude = frozenset([gpu.host]) if gpu is not None and exclude_self \
             else frozenset()
-        reroutes = int((self.request.headers or {}).get(REROUTES_HEADER, 0)
-                       or self.request.get(REROUTES_HEADER) or 0)
+        reroutes = int(header(self.request, REROUTES_HEADER) or 0)
         try:
             decision = self._ares.worker_router.decide(self.gpu_request,
                                                        exclude=exclude)

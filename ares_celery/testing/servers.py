@@ -27,24 +27,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_until(check, deadline_s: float, what: str,
-                proc: subprocess.Popen | None = None,
-                log: Path | None = None) -> None:
-    deadline = time.monotonic() + deadline_s
+def wait_until(check, timeout: float, what: str,
+               proc: subprocess.Popen | None = None, log: Path | None = None,
+               max_pause: float = 0.2):
+    """Poll ``check`` until it returns something truthy (and return it),
+    with a deadline; a check that raises ``OSError`` (not listening yet)
+    counts as not yet. Fails early if ``proc`` exits, with ``log``'s tail."""
+    deadline = time.monotonic() + timeout
     pause = 0.01
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-2000:] if log and log.exists() else ""
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail}")
         try:
-            if check():
-                return
+            value = check()
+            if value:
+                return value
         except OSError:
             pass
         time.sleep(pause)
-        pause = min(pause * 1.5, 0.2)
+        pause = min(pause * 1.5, max_pause)
     tail = log.read_text()[-2000:] if log and log.exists() else ""
-    raise TimeoutError(f"{what} not healthy after {deadline_s}s\n{tail}")
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{tail}")
 
 
 def die_with_parent() -> None:
@@ -93,7 +97,8 @@ class _Process:
         self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        _wait_until(self.healthy, timeout, self.name, self.proc, self.log)
+        wait_until(self.healthy, timeout, f"{self.name} to be healthy",
+                   self.proc, self.log)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

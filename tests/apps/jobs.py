@@ -47,6 +47,33 @@ app, ares = make_app()
 _store = redis.Redis.from_url(os.environ["ARES_TEST_BROKER"])
 
 
+RELEASE_CHANNEL = "test:release"
+
+
+def release(store: redis.Redis, key: str = "test:release-all") -> None:
+    """Let held test jobs go: set ``key`` and wake the bodies waiting on it."""
+    store.set(key, 1)
+    store.publish(RELEASE_CHANNEL, key)
+
+
+def wait_released(keys: list[str], timeout: float) -> bool:
+    """Block until one of ``keys`` is set (woken by :func:`release`), or
+    ``timeout`` passes. Subscribing before the first check means a release
+    between the two cannot be missed."""
+    pubsub = _store.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(RELEASE_CHANNEL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _store.exists(*keys):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            pubsub.get_message(timeout=remaining)
+        return True
+    finally:
+        pubsub.close()
+
+
 def record_execution(job_id: str, token: int) -> None:
     _store.rpush(f"test:exec:{job_id}", json.dumps(
         {"pid": os.getpid(), "token": token, "at": time.time()}))
@@ -81,12 +108,8 @@ def blocking(value, timeout=120):
     record_execution(ctx.job_id, ctx.fencing_token)
     _store.rpush(f"test:started:{ctx.job_id}", json.dumps(
         {"pid": os.getpid(), "token": ctx.fencing_token}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _store.exists(f"test:release:{ctx.job_id}:{ctx.fencing_token}",
-                         f"test:release:{ctx.job_id}"):
-            break
-        time.sleep(0.02)
+    wait_released([f"test:release:{ctx.job_id}:{ctx.fencing_token}",
+                   f"test:release:{ctx.job_id}"], timeout)
     fenced_side_effect(ctx.job_id, ctx.fencing_token, str(value))
     return {"value": value, "token": ctx.fencing_token, "pid": os.getpid(),
             "lease_lost": ctx.lease_lost}
@@ -116,11 +139,7 @@ def _gpu_body(name, hold):
     ctx = ares.current()
     start = time.time()
     _store.rpush(f"test:gpu-started:{ctx.job_id}", 1)
-    deadline = time.monotonic() + hold
-    while time.monotonic() < deadline:
-        if _store.exists(f"test:release:{ctx.job_id}", "test:release-all"):
-            break
-        time.sleep(0.02)
+    wait_released([f"test:release:{ctx.job_id}", "test:release-all"], hold)
     record = {"task": name, "job": ctx.job_id, "host": ctx.host,
               "gpus": ctx.gpus, "uuids": ctx.gpu_uuids,
               "score": ctx.placement_score, "token": ctx.fencing_token,
@@ -130,37 +149,19 @@ def _gpu_body(name, hold):
     return record
 
 
-@ares.gpu_task(name="jobs.gpu1", gpus=1)
-def gpu1(hold=60):
-    return _gpu_body("gpu1", hold)
+def _gpu_test_task(name, **options):
+    """A GPU task ``jobs.<name>`` whose body is :func:`_gpu_body`."""
+    def body(hold=60):
+        return _gpu_body(name, hold)
+    body.__name__ = body.__qualname__ = name
+    return ares.gpu_task(name=f"jobs.{name}", **options)(body)
 
 
-@ares.gpu_task(name="jobs.gpu2", gpus=2)
-def gpu2(hold=60):
-    return _gpu_body("gpu2", hold)
-
-
-@ares.gpu_task(name="jobs.gpu4", gpus=4)
-def gpu4(hold=60):
-    return _gpu_body("gpu4", hold)
-
-
-@ares.gpu_task(name="jobs.gpu8", gpus=8)
-def gpu8(hold=60):
-    return _gpu_body("gpu8", hold)
-
-
-@ares.gpu_task(name="jobs.gpu2_nvlink", gpus=2, interconnect="nvlink")
-def gpu2_nvlink(hold=60):
-    return _gpu_body("gpu2_nvlink", hold)
-
-
-@ares.gpu_task(name="jobs.gpu4_nvlink", gpus=4, interconnect="nvlink",
-               min_memory_gb=30)
-def gpu4_nvlink(hold=60):
-    return _gpu_body("gpu4_nvlink", hold)
-
-
-@ares.gpu_task(name="jobs.gpu2_limited", gpus=2, time_limit=2)
-def gpu2_limited(hold=60):
-    return _gpu_body("gpu2_limited", hold)
+gpu1 = _gpu_test_task("gpu1", gpus=1)
+gpu2 = _gpu_test_task("gpu2", gpus=2)
+gpu4 = _gpu_test_task("gpu4", gpus=4)
+gpu8 = _gpu_test_task("gpu8", gpus=8)
+gpu2_nvlink = _gpu_test_task("gpu2_nvlink", gpus=2, interconnect="nvlink")
+gpu4_nvlink = _gpu_test_task("gpu4_nvlink", gpus=4, interconnect="nvlink",
+                             min_memory_gb=30)
+gpu2_limited = _gpu_test_task("gpu2_limited", gpus=2, time_limit=2)

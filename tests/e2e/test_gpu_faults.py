@@ -31,7 +31,7 @@ def test_killed_gpu_worker_job_taken_over_elsewhere(jobs, store):
         wait_for(lambda: store.llen(f"test:gpu-started:{result.id}") >= 2,
                  60, "another host to take the job over")
         assert cache.wait_for(lambda h: len(h["dgx1"].free) == 6, 10)
-        store.set(f"test:release:{result.id}", 1)
+        jobs.release(store, f"test:release:{result.id}")
         value = result.get(timeout=30)
         assert value["host"] == "dgx1" and len(value["gpus"]) == 2
         assert value["cuda"] == ",".join(map(str, value["gpus"]))
@@ -42,7 +42,7 @@ def test_killed_gpu_worker_job_taken_over_elsewhere(jobs, store):
         assert cache.wait_for(
             lambda h: h["dgx1"].free == frozenset(range(8)), 10)
     finally:
-        store.set("test:release-all", 1)
+        jobs.release(store, "test:release-all")
         cache.stop()
         a100.kill()
         dgx1.stop()

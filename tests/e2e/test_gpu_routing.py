@@ -33,7 +33,7 @@ def cluster(jobs, store):
         assert cache.wait_for(lambda h: set(h) == set(HOSTS), 20)
         yield workers, cache
     finally:
-        store.set("test:release-all", 1)
+        jobs.release(store, "test:release-all")
         for w in workers:
             w.stop()
 
@@ -78,7 +78,7 @@ def test_jobs_land_on_the_best_host_and_gpus(jobs, cluster, store):
         assert cache.wait_for(
             lambda h, host=host, gpus=gpus: not set(gpus) & h[host].free, 10)
         results.append((task, result, host, gpus))
-    store.set("test:release-all", 1)
+    jobs.release(store, "test:release-all")
     for task, result, host, gpus in results:
         value = result.get(timeout=30)
         assert (value["host"], value["gpus"]) == (host, gpus), task.name

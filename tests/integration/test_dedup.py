@@ -102,13 +102,13 @@ def test_client_killed_between_record_and_publish_does_not_lose_job(
     """A real client process records the request, then is SIGKILLed while
     publishing; a retry after the claim timeout publishes the job."""
     script = textwrap.dedent("""
-        import os, sys, time
+        import signal
         from celery import Task
         from tests.apps import jobs
         jobs.app.conf.ares_dedup_claim_timeout = 1
         def hang(*a, **k):
             print("reserved", flush=True)
-            time.sleep(600)
+            signal.pause()  # stuck in publish until the test kills us
         Task.apply_async = hang
         jobs.record.apply_async(("k",), request_id="killed-client")
     """)
