@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+# Headless browser for the Flower UI test (Playwright drives Debian's
+# chromium; it never downloads a browser of its own).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
 if ((${#need_apt[@]})); then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
