@@ -3,6 +3,7 @@
 from .app import Ares, AresWarning
 from .errors import (
     AresError,
+    AuthenticationFailed,
     ConfigurationError,
     InvalidRequestId,
     LeaseLost,
@@ -15,6 +16,7 @@ __all__ = [
     "Ares",
     "AresError",
     "AresWarning",
+    "AuthenticationFailed",
     "ConfigurationError",
     "InvalidRequestId",
     "JobContext",

@@ -27,6 +27,16 @@ class ServiceUnavailable(AresError, ConnectionError):
     """Redis or etcd could not be reached; the message names the address."""
 
 
+class AuthenticationFailed(ServiceUnavailable):
+    """Redis or etcd refused our credentials (or demands some we lack).
+
+    A kind of :class:`ServiceUnavailable` so every fail-closed path treats
+    it the same; a class of its own so operators read "wrong password",
+    not "network down". The message names the user and address, never the
+    password.
+    """
+
+
 class LeaseLost(AresError):
     """The worker no longer holds the job's lease: its commit will be fenced."""
 

@@ -43,7 +43,7 @@ class Services:
             s = self.settings
             self._redis = redis_clients.connect(
                 s.redis_url, max_connections=s.redis_max_connections)
-            self._etcd = EtcdGateway(s.etcd_endpoints, s.etcd_timeout)
+            self._etcd = s.etcd_gateway()
             self._keeper = LeaseKeeper(self._etcd, s.lease_ttl)
             self._dedup = DedupStore(
                 self._redis, self.keys, s.dedup_ttl, s.dedup_claim_timeout,

@@ -6,10 +6,13 @@ misconfigured deployment fails at import time, not on the first job.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .clients.etcd import parse_endpoints
+from .clients.etcd import EtcdGateway, endpoint_schemes, parse_endpoints
+from .clients.etcd_security import EtcdSecurity
+from .clients.redis import redact_url
 from .errors import ConfigurationError
 
 LEASE_TTL_MIN = 2
@@ -19,6 +22,11 @@ DEFAULTS: dict[str, Any] = {
     "ares_redis_url": None,            # falls back to the broker URL
     "ares_etcd_endpoints": ["127.0.0.1:2379"],
     "ares_etcd_timeout": 2.0,
+    "ares_etcd_user": None,            # etcd auth (with ares_etcd_password)
+    "ares_etcd_password": None,
+    "ares_etcd_ca_cert": None,         # TLS: CA bundle for the server cert
+    "ares_etcd_cert": None,            # TLS: client certificate (+ key)
+    "ares_etcd_key": None,
     "ares_lease_ttl": 30,
     "ares_dedup_ttl": 86400,
     "ares_dedup_claim_timeout": 5.0,
@@ -44,11 +52,67 @@ def _number(name: str, value: Any, low: float, high: float,
     return int(value) if integer else float(value)
 
 
+def _readable_file(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ConfigurationError(f"{name} must be a file path, got {value!r}")
+    path = os.fspath(value)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigurationError(f"{name}={path!r} is not a readable file")
+    return path
+
+
+def etcd_security(values: dict[str, Any]) -> EtcdSecurity:
+    """TLS and auth for etcd from the ``ares_etcd_*`` settings.
+
+    TLS is on when an endpoint says ``https://`` or any certificate setting
+    is given; contradictions (an ``http://`` endpoint with certificates,
+    mixed schemes, a certificate without its key, a user without a
+    password) are refused here rather than surfacing as a handshake error
+    on the first job.
+    """
+    schemes = endpoint_schemes(values["ares_etcd_endpoints"])
+    if len(schemes) > 1:
+        raise ConfigurationError(
+            "ares_etcd_endpoints mixes http:// and https:// endpoints; "
+            "every member of one cluster is reached the same way")
+    if schemes - {"http", "https"}:
+        raise ConfigurationError(
+            f"ares_etcd_endpoints scheme {schemes.pop()!r} is not http or "
+            "https")
+    ca = _readable_file("ares_etcd_ca_cert", values["ares_etcd_ca_cert"])
+    cert = _readable_file("ares_etcd_cert", values["ares_etcd_cert"])
+    key = _readable_file("ares_etcd_key", values["ares_etcd_key"])
+    if (cert is None) != (key is None):
+        raise ConfigurationError(
+            "ares_etcd_cert and ares_etcd_key go together: a client "
+            "certificate is useless without its private key")
+    tls = "https" in schemes or any((ca, cert))
+    if tls and "http" in schemes:
+        raise ConfigurationError(
+            "ares_etcd_ca_cert/ares_etcd_cert are set but "
+            "ares_etcd_endpoints use http://; write https:// endpoints "
+            "(or drop the certificate settings)")
+    user, password = values["ares_etcd_user"], values["ares_etcd_password"]
+    for name, value in (("ares_etcd_user", user),
+                        ("ares_etcd_password", password)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigurationError(f"{name} must be a non-empty string")
+    if (user is None) != (password is None):
+        raise ConfigurationError(
+            "ares_etcd_user and ares_etcd_password go together "
+            f"(got {'a user' if user else 'a password'} only)")
+    return EtcdSecurity(protocol="https" if tls else "http", ca_cert=ca,
+                        cert=cert, key=key, user=user, password=password)
+
+
 @dataclass(frozen=True)
 class AresSettings:
-    redis_url: str
+    redis_url: str = field(repr=False)
     etcd_endpoints: list[tuple[str, int]]
     etcd_timeout: float = 2.0
+    etcd_security: EtcdSecurity = field(default_factory=EtcdSecurity)
     lease_ttl: int = 30
     dedup_ttl: int = 86400
     dedup_claim_timeout: float = 5.0
@@ -65,6 +129,17 @@ class AresSettings:
     def etcd_address(self) -> str:
         return ",".join(f"{h}:{p}" for h, p in self.etcd_endpoints)
 
+    @property
+    def redis_address(self) -> str:
+        """The Redis URL without its password, for logs and errors."""
+        return redact_url(self.redis_url)
+
+    def etcd_gateway(self) -> EtcdGateway:
+        """A new gateway with these endpoints, TLS files and credentials
+        (one per process: see :class:`~ares_celery.services.Services`)."""
+        return EtcdGateway(self.etcd_endpoints, self.etcd_timeout,
+                           self.etcd_security)
+
     @classmethod
     def from_conf(cls, conf: Any) -> AresSettings:
         values = {key: conf.get(key, default)
@@ -72,9 +147,17 @@ class AresSettings:
         redis_url = values["ares_redis_url"] or conf.get("broker_url")
         if not redis_url or not str(redis_url).startswith(
                 ("redis://", "rediss://", "unix://")):
+            shown = redact_url(str(redis_url)) if redis_url else redis_url
             raise ConfigurationError(
                 "ares_redis_url must be a redis:// or rediss:// URL "
-                f"(got {redis_url!r}); set it or use a Redis broker")
+                f"(got {shown!r}); set it or use a Redis broker")
+        if str(redis_url).startswith("rediss://") \
+                and "ssl_cert_reqs=" not in str(redis_url):
+            raise ConfigurationError(
+                f"{redact_url(str(redis_url))}: a rediss:// URL needs "
+                "?ssl_cert_reqs=required (plus ssl_ca_certs=, and "
+                "ssl_certfile=/ssl_keyfile= for client certificates); "
+                "Celery's Redis result backend refuses it without")
         lease_ttl = _number("ares_lease_ttl", values["ares_lease_ttl"],
                             LEASE_TTL_MIN, LEASE_TTL_MAX, integer=True)
         namespace = values["ares_namespace"]
@@ -97,6 +180,7 @@ class AresSettings:
             etcd_endpoints=parse_endpoints(values["ares_etcd_endpoints"]),
             etcd_timeout=_number("ares_etcd_timeout",
                                  values["ares_etcd_timeout"], 0.05, 60),
+            etcd_security=etcd_security(values),
             lease_ttl=lease_ttl,
             dedup_ttl=_number("ares_dedup_ttl", values["ares_dedup_ttl"],
                               1, 365 * 86400, integer=True),

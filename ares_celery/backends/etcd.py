@@ -30,6 +30,7 @@ from ..clients.etcd import (
     op_range,
 )
 from ..exactly_once.identity import Keys
+from ..settings import AresSettings
 from .fencing import TERMINAL_STATES, mark_committed, report_rejected, token_for
 
 
@@ -41,9 +42,9 @@ class FencedEtcdBackend(KeyValueStoreBackend):
     def __init__(self, app=None, url=None, **kwargs):
         super().__init__(app=app, url=url, **kwargs)
         conf = self.app.conf
-        self._endpoints = conf.get("ares_etcd_endpoints", ["127.0.0.1:2379"])
-        self._timeout = float(conf.get("ares_etcd_timeout", 2.0))
-        self._keys = Keys(conf.get("ares_namespace", "ares"))
+        # The same endpoints, TLS files and credentials as the job locks.
+        self._settings = AresSettings.from_conf(conf)
+        self._keys = Keys(self._settings.namespace)
         self._gateway: EtcdGateway | None = None
         self._gateway_lock = threading.Lock()
         self._lease: tuple[int, float] | None = None
@@ -53,7 +54,7 @@ class FencedEtcdBackend(KeyValueStoreBackend):
     def etcd(self) -> EtcdGateway:
         with self._gateway_lock:
             if self._gateway is None:
-                self._gateway = EtcdGateway(self._endpoints, self._timeout)
+                self._gateway = self._settings.etcd_gateway()
             return self._gateway
 
     def __reduce__(self, args=(), kwargs=None):

@@ -22,7 +22,8 @@ import urllib3
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
-from ..errors import ConfigurationError, ServiceUnavailable
+from ..errors import AuthenticationFailed, ConfigurationError, ServiceUnavailable
+from .etcd_security import EtcdSecurity, TokenCache, token_rejected
 
 _TRANSIENT = (
     etcd_exc.ConnectionFailedError,
@@ -145,6 +146,15 @@ def parse_endpoints(endpoints: str | Iterable[str]) -> list[tuple[str, int]]:
     return parsed
 
 
+def endpoint_schemes(endpoints: str | Iterable[str]) -> set[str]:
+    """The schemes the endpoints are written with ("http", "https"); an
+    endpoint without one adds nothing."""
+    if isinstance(endpoints, str):
+        endpoints = endpoints.split(",")
+    return {str(raw).strip().split("://", 1)[0] for raw in endpoints
+            if not isinstance(raw, tuple) and "://" in str(raw)}
+
+
 class _Response:
     """The part of ``requests.Response`` that etcd3gw reads."""
 
@@ -181,12 +191,14 @@ class PooledSession:
         self._pools = urllib3.PoolManager(**kwargs)
 
     def post(self, url: str, data: Any = None, json: Any = None,
-             timeout: float | None = None, **_: Any) -> _Response:
+             timeout: float | None = None,
+             headers: dict[str, str] | None = None, **_: Any) -> _Response:
         body = data if json is None else _json_dumps(json)
         try:
             raw = self._pools.request(
                 "POST", url, body=body,
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json",
+                         **(headers or {})},
                 timeout=urllib3.Timeout(total=timeout) if timeout else None)
         except urllib3.exceptions.TimeoutError as exc:
             raise requests.exceptions.Timeout(str(exc)) from exc
@@ -196,6 +208,18 @@ class PooledSession:
 
 
 _json_dumps = json.dumps
+
+
+def _detail(exc: Exception) -> str:
+    return getattr(exc, "detail_text", None) or str(exc)
+
+
+def _error_text(detail: str) -> str:
+    """The ``error`` field of an etcd JSON error body, else the body."""
+    try:
+        return str(json.loads(detail).get("error") or detail)
+    except (ValueError, AttributeError):
+        return detail
 
 
 class EtcdGateway:
@@ -208,15 +232,13 @@ class EtcdGateway:
     """
 
     def __init__(self, endpoints: str | Iterable[str], timeout: float = 2.0,
-                 protocol: str = "http", ca_cert: str | None = None,
-                 cert_key: str | None = None, cert_cert: str | None = None,
-                 ) -> None:
+                 security: EtcdSecurity | None = None) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.timeout = timeout
-        self._protocol = protocol
-        self._tls = (ca_cert, cert_key, cert_cert)
+        self.security = security or EtcdSecurity()
         self._local = threading.local()
         self._preferred = 0
+        self.tokens = TokenCache(self.security, self._login)
 
     @property
     def address(self) -> str:
@@ -229,14 +251,45 @@ class EtcdGateway:
         client = clients.get(index)
         if client is None:
             host, port = self.endpoints[index]
-            ca, key, cert = self._tls
-            client = Etcd3Client(host=host, port=port, protocol=self._protocol,
+            sec = self.security
+            session = PooledSession(sec.ca_cert, sec.cert, sec.key) \
+                if sec.tls else PooledSession()
+            client = Etcd3Client(host=host, port=port, protocol=sec.protocol,
                                  timeout=self.timeout, api_path="/v3/",
-                                 session=PooledSession(ca, cert, key))
+                                 session=session)
             clients[index] = client
         return client
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST with the auth token; a rejected token is renewed once."""
+        token = self.tokens.current()
+        try:
+            return self._post_any(path, body, token)
+        except etcd_exc.Etcd3Exception as exc:
+            if not token_rejected(_detail(exc)):
+                raise
+            if not self.tokens.enabled:
+                raise AuthenticationFailed(
+                    f"etcd at {self.address} requires authentication: set "
+                    "ares_etcd_user and ares_etcd_password") from None
+        return self._post_any(path, body, self.tokens.refresh(token))
+
+    def _login(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._post_any("/auth/authenticate", body, None)
+        except etcd_exc.Etcd3Exception as exc:
+            detail = _detail(exc)
+            if "authentication is not enabled" in detail:
+                return {}
+            raise AuthenticationFailed(
+                f"etcd at {self.address} refused user {body['name']!r}: "
+                f"{_error_text(detail)}; check ares_etcd_user and "
+                "ares_etcd_password") from None
+
+    def _post_any(self, path: str, body: dict[str, Any],
+                  token: str | None) -> dict[str, Any]:
+        """POST to the preferred endpoint, failing over to the others."""
+        headers = {"Authorization": token} if token else {}
         errors = []
         count = len(self.endpoints)
         start = self._preferred
@@ -245,16 +298,21 @@ class EtcdGateway:
             client = self._client(index)
             try:
                 result = client.post(client.get_url(path),
-                                     data=json.dumps(body))
+                                     data=json.dumps(body), headers=headers)
             except _TRANSIENT as exc:
                 errors.append(f"{self.endpoints[index][0]}:"
                               f"{self.endpoints[index][1]}: {exc}")
                 continue
             except etcd_exc.Etcd3Exception as exc:
-                detail = getattr(exc, "detail_text", None) or str(exc)
+                detail = _detail(exc)
                 if "no leader" in detail or "timed out" in detail:
                     errors.append(f"{self.endpoints[index]}: {detail}")
                     continue
+                if "permission denied" in detail:
+                    raise AuthenticationFailed(
+                        f"etcd at {self.address}: user "
+                        f"{self.security.user!r} may not {path}: grant it "
+                        "read/write on the ares key prefix") from None
                 raise
             self._preferred = index
             return result
@@ -292,17 +350,19 @@ class EtcdGateway:
 
     def watch_endpoint(self) -> tuple[str, requests.Session]:
         """URL and a streaming-capable session for ``/v3/watch`` on the
-        endpoint that answered last (watch streams need real ``requests``)."""
+        endpoint that answered last (watch streams need real ``requests``),
+        carrying the same TLS files and auth token as unary calls."""
         host, port = self.endpoints[self._preferred]
         session = requests.Session()
         session.trust_env = False
-        ca, key, cert = self._tls
-        if ca is not None:
-            session.verify = ca
-        if cert is not None and key is not None:
-            session.cert = (cert, key)
+        sec = self.security
+        if sec.ca_cert is not None:
+            session.verify = sec.ca_cert
+        if sec.cert is not None and sec.key is not None:
+            session.cert = (sec.cert, sec.key)
+        session.headers.update(self.tokens.header())
         host = f"[{host}]" if ":" in host else host
-        return f"{self._protocol}://{host}:{port}/v3/watch", session
+        return f"{sec.protocol}://{host}:{port}/v3/watch", session
 
     def count_prefix(self, prefix: str) -> int:
         resp = self._post("/kv/range", {

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from ..errors import ServiceUnavailable
+from ..errors import AuthenticationFailed, ServiceUnavailable
 
 
 def redact_url(url: str) -> str:
@@ -39,9 +39,14 @@ def connect(url: str, max_connections: int = 16,
 
 @contextmanager
 def unavailable_as_ares_error(url: str) -> Iterator[None]:
-    """Turn redis connection failures into :class:`ServiceUnavailable`."""
+    """Turn redis connection failures into :class:`ServiceUnavailable`
+    (:class:`AuthenticationFailed` for a missing or wrong password)."""
     try:
         yield
+    except redis.AuthenticationError as exc:
+        raise AuthenticationFailed(
+            f"Redis at {redact_url(url)} refused the connection: {exc} "
+            "(check the user and password in the redis:// URL)") from exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise ServiceUnavailable(
             f"Redis unreachable at {redact_url(url)}: {exc}") from exc

@@ -9,15 +9,20 @@ inject real faults.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+from .certs import TestPki
 
 
 def free_port() -> int:
@@ -141,51 +146,90 @@ class _Process:
         self.cleanup()
 
 
+def client_tls_context(pki: TestPki) -> ssl.SSLContext:
+    """An SSL context that trusts the test CA and presents its client
+    certificate (for health checks of servers that demand one)."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return context
+
+
 class RedisServer(_Process):
-    """A private ``redis-server`` (no persistence unless asked)."""
+    """A private ``redis-server`` (no persistence unless asked).
+
+    ``password`` alone sets ``requirepass``; with ``username`` too it
+    creates that ACL user instead and disables the passwordless default
+    user. ``tls`` serves TLS only (the plain port is closed) and requires
+    client certificates signed by the test CA.
+    """
 
     name = "redis"
 
     def __init__(self, port: int | None = None, workdir: Path | None = None,
-                 password: str | None = None, persist: bool = False) -> None:
+                 password: str | None = None, persist: bool = False,
+                 username: str | None = None, tls: TestPki | None = None,
+                 extra_args: list[str] | None = None) -> None:
         super().__init__(workdir)
         self.binary = _require_binary("redis-server", "redis-server")
         self.port = port or free_port()
         self.password = password
         self.persist = persist
+        self.username = username
+        self.tls = tls
+        self.extra_args = list(extra_args or [])
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}"
+        auth = f"{self.username or ''}:{self.password}@" if self.password \
+            else ""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}"
 
     def _command(self) -> list[str]:
-        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+        port = ["--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.server_cert),
+                "--tls-key-file", str(self.tls.server_key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "yes"] if self.tls \
+            else ["--port", str(self.port)]
+        cmd = [self.binary, *port, "--bind", "127.0.0.1",
                "--dir", str(self.workdir), "--daemonize", "no",
                "--save", "", "--appendonly", "yes" if self.persist else "no",
                "--protected-mode", "no"]
-        if self.password:
+        if self.password and self.username:
+            cmd += ["--user", self.username, "on", f">{self.password}",
+                    "~*", "&*", "+@all", "--user", "default", "off"]
+        elif self.password:
             cmd += ["--requirepass", self.password]
-        return cmd
+        return cmd + self.extra_args
 
     def healthy(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), 1) as sock:
+        with socket.create_connection(("127.0.0.1", self.port), 1) as raw:
+            sock = client_tls_context(self.tls).wrap_socket(
+                raw, server_hostname="127.0.0.1") if self.tls else raw
             if self.password:
-                sock.sendall(f"AUTH {self.password}\r\n".encode())
+                user = f"{self.username} " if self.username else ""
+                sock.sendall(f"AUTH {user}{self.password}\r\n".encode())
                 sock.recv(64)
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
 
 
 class EtcdServer(_Process):
-    """A single etcd member (or one member of an :class:`EtcdCluster`)."""
+    """A single etcd member (or one member of an :class:`EtcdCluster`).
+
+    ``tls`` serves clients over https only and requires client
+    certificates signed by the test CA (``--client-cert-auth``).
+    """
 
     name = "etcd"
 
     def __init__(self, client_port: int | None = None,
                  peer_port: int | None = None, workdir: Path | None = None,
                  member: str = "default", initial_cluster: str | None = None,
-                 fsync: bool = False) -> None:
+                 fsync: bool = False, tls: TestPki | None = None,
+                 extra_args: list[str] | None = None,
+                 cluster_token: str | None = None) -> None:
         super().__init__(workdir)
         self.binary = _require_binary("etcd", "etcd-server")
         self.client_port = client_port or free_port()
@@ -193,17 +237,25 @@ class EtcdServer(_Process):
         self.member = member
         self.initial_cluster = initial_cluster
         self.fsync = fsync
+        self.cluster_token = cluster_token or f"ares-{self.client_port}"
+        self.tls = tls
+        self.extra_args = list(extra_args or [])
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
     @property
+    def client_url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
+
+    @property
     def peer_url(self) -> str:
         return f"http://127.0.0.1:{self.peer_port}"
 
     def _command(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = self.client_url
         cmd = [self.binary, "--name", self.member,
                "--data-dir", str(self.workdir / "data"),
                "--listen-client-urls", client,
@@ -213,20 +265,57 @@ class EtcdServer(_Process):
                "--initial-cluster",
                self.initial_cluster or f"{self.member}={self.peer_url}",
                "--initial-cluster-state", "new",
-               "--initial-cluster-token", f"ares-{self.client_port}",
+               "--initial-cluster-token", self.cluster_token,
                "--heartbeat-interval", "50", "--election-timeout", "500",
                "--log-level", "warn", "--logger", "zap"]
         if not self.fsync:
             # Tests restart etcd cleanly; skipping fsync keeps a 2-core
             # machine fast. Benchmarks say which mode they measured.
             cmd.append("--unsafe-no-fsync")
-        return cmd
+        if self.tls:
+            cmd += ["--cert-file", str(self.tls.server_cert),
+                    "--key-file", str(self.tls.server_key),
+                    "--trusted-ca-file", str(self.tls.ca),
+                    "--client-cert-auth"]
+        return cmd + self.extra_args
 
     def healthy(self) -> bool:
-        url = f"http://127.0.0.1:{self.client_port}/health"
-        with urllib.request.urlopen(url, timeout=1) as resp:
+        context = client_tls_context(self.tls) if self.tls else None
+        with urllib.request.urlopen(f"{self.client_url}/health", timeout=1,
+                                    context=context) as resp:
             return b'"true"' in resp.read()
 
+    def call(self, path: str, body: dict, token: str | None = None) -> dict:
+        """One admin request to the JSON gateway (``/v3/<path>``)."""
+        request = urllib.request.Request(
+            f"{self.client_url}/v3/{path}", data=json.dumps(body).encode(),
+            headers={"Authorization": token} if token else {},
+            method="POST")
+        context = client_tls_context(self.tls) if self.tls else None
+        with urllib.request.urlopen(request, timeout=5,
+                                    context=context) as resp:
+            return json.loads(resp.read())
+
+    def enable_auth(self, root_password: str) -> None:
+        """``etcdctl user add root && etcdctl auth enable``, over HTTP
+        (Debian's etcd-server package ships no etcdctl). Safe to repeat."""
+        for path, body in (("auth/role/add", {"name": "root"}),
+                           ("auth/user/add", {"name": "root",
+                                              "password": root_password}),
+                           ("auth/user/grant", {"user": "root",
+                                                "role": "root"})):
+            try:
+                self.call(path, body)
+            except urllib.error.HTTPError as exc:
+                if b"already exists" not in exc.read():
+                    raise
+        self.call("auth/enable", {})
+
+    def disable_auth(self, root_password: str) -> None:
+        """``etcdctl auth disable``: drops every issued token."""
+        token = self.call("auth/authenticate", {
+            "name": "root", "password": root_password})["token"]
+        self.call("auth/disable", {}, token)
 
 class EtcdCluster:
     """Several etcd members on loopback, for leader-loss tests."""
@@ -235,8 +324,10 @@ class EtcdCluster:
         ports = [(free_port(), free_port()) for _ in range(size)]
         initial = ",".join(f"m{i}=http://127.0.0.1:{peer}"
                            for i, (_, peer) in enumerate(ports))
+        token = f"ares-cluster-{ports[0][0]}"
         self.members = [EtcdServer(client, peer, member=f"m{i}",
-                                   initial_cluster=initial)
+                                   initial_cluster=initial,
+                                   cluster_token=token)
                         for i, (client, peer) in enumerate(ports)]
 
     @property
