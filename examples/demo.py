@@ -9,41 +9,18 @@ and where a 4-GPU job would be placed.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
-from ares_celery.testing import EtcdServer, RedisServer
+from examples.local_cluster import LocalCluster
 
-ROOT = Path(__file__).resolve().parent.parent
 MOCK = os.environ.get("ARES_MOCK_GPUS", "dgx1-v100")
 
 
 def main() -> int:
-    redis_server, etcd_server = RedisServer(), EtcdServer()
-    redis_server.start()
-    etcd_server.start()
-    env = dict(os.environ, DEMO_BROKER=f"{redis_server.url}/0",
-               DEMO_ETCD=etcd_server.endpoint, ARES_MOCK_GPUS=MOCK)
-    os.environ.update(env)
-    print(f"redis  : {redis_server.url} (pid {redis_server.proc.pid})")
-    print(f"etcd   : {etcd_server.endpoint} (pid {etcd_server.proc.pid})")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "--quiet", "-A", "examples.demo_app", "worker",
-         "-c", "2", "-n", "demo@dgx1", "--without-mingle", "--without-gossip",
-         "-l", "warning"], cwd=ROOT, env=env, start_new_session=True)
-    try:
-        from examples import demo_app
-
-        deadline = time.monotonic() + 60
-        while not demo_app.app.control.ping(["demo@dgx1"], timeout=0.5):
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise SystemExit("worker did not start")
-        print(f"worker : demo@dgx1 (pid {worker.pid}, mock GPUs {MOCK!r})\n")
-
+    workers = {"demo@dgx1": {"ARES_MOCK_GPUS": MOCK}}
+    with LocalCluster("examples.demo_app", workers) as cluster:
+        demo_app = cluster.app
+        print(f"(worker demo@dgx1 has mock GPUs {MOCK!r})\n")
         results = []
 
         def submit() -> None:
@@ -72,12 +49,6 @@ def main() -> int:
         ok = len(ids) == 1 and execs == 1 and charges == 1
         print("\nexactly once:", "YES" if ok else "NO")
         return 0 if ok else 1
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(30)
-        redis_server.cleanup()
-        etcd_server.cleanup()
 
 
 def show_placement() -> None:

@@ -10,18 +10,10 @@ from __future__ import annotations
 import os
 
 import redis
-from celery import Celery
 
-from ares_celery import Ares
+from examples.example_app import make_app
 
-app = Celery("demo", broker=os.environ.get("DEMO_BROKER",
-                                           "redis://127.0.0.1:6379/0"))
-app.conf.update(
-    ares_etcd_endpoints=os.environ.get("DEMO_ETCD", "127.0.0.1:2379").split(","),
-    ares_lease_ttl=10,
-    broker_transport_options={"visibility_timeout": 60},
-)
-ares = Ares(app)
+app, ares = make_app("demo")
 ledger = redis.Redis.from_url(app.conf.broker_url)
 
 _FENCED_CHARGE = """

@@ -13,18 +13,10 @@ import os
 import time
 
 import redis
-from celery import Celery
 
-from ares_celery import Ares
+from examples.example_app import make_app
 
-app = Celery("gpu_training", broker=os.environ.get("DEMO_BROKER",
-                                                   "redis://127.0.0.1:6379/0"))
-app.conf.update(
-    ares_etcd_endpoints=os.environ.get("DEMO_ETCD", "127.0.0.1:2379").split(","),
-    ares_lease_ttl=10,
-    broker_transport_options={"visibility_timeout": 60},
-)
-ares = Ares(app)
+app, ares = make_app("gpu_training")
 store = redis.Redis.from_url(app.conf.broker_url)
 
 

@@ -1,6 +1,6 @@
-"""The examples run end to end as a user would run them: ``python -m
-examples.demo`` and ``python -m examples.gpu_training``, each starting its own
-Redis, etcd and real ``celery worker`` processes."""
+"""The examples run end to end as a user would run them (``python -m
+examples.<name>``), each starting its own Redis, etcd and real ``celery
+worker`` processes; the assertions read what the example prints."""
 
 from __future__ import annotations
 
@@ -56,3 +56,31 @@ def test_gpu_training_routes_jobs_to_both_hosts():
             if line.split()[:1] in (["resnet-a"], ["resnet-b"], ["bert-a"], ["bert-b"])]
     assert len(rows) == 4
     assert all(row[-1] == "1" for row in rows)  # one execution each
+
+
+def test_payments_debit_each_payment_once_and_refuse_a_stale_token():
+    out = run_example("examples.payments")
+    rows = [line.split() for line in out.splitlines() if line.startswith("pay-")]
+    assert len(rows) == 3
+    for row in rows:
+        # payment account cents submits job-ids body-runs store token
+        assert row[3:7] == ["4", "1", "1", "applied"], row
+    assert "alice   10000 ->   6501  (expected 6501)" in out
+    assert "bob      5000 ->   3750  (expected 3750)" in out
+    assert "): stale token" in out
+    assert "balances unchanged: YES" in out
+    assert "each payment applied exactly once: YES" in out
+
+
+def test_retrying_client_retries_timeouts_and_a_broker_outage_with_one_run():
+    out = run_example("examples.retrying_client")
+    assert "no result yet (get(timeout=0.5)" in out       # it did time out and retry
+    assert "submission failed: broker unreachable" in out  # the outage was seen
+    summaries = [line for line in out.splitlines() if "accepted submissions" in line]
+    assert len(summaries) == 2
+    for line in summaries:
+        assert line.endswith("body runs 1"), line
+        assert line.count("job ids ['") == 1 and "', '" not in line  # one job id
+    first = int(summaries[0].split(": ")[1].split()[0])
+    assert first >= 2  # several submissions, still one job
+    assert "each report ran exactly once: YES" in out
