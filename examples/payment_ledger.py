@@ -53,6 +53,7 @@ def record_execution(path: str | Path, payment_id: str, token: int, pid: int) ->
         db.execute("INSERT INTO executions VALUES (?, ?, ?)", (payment_id, token, pid))
 
 
+# --8<-- [start:debit]
 def debit(path: str | Path, payment_id: str, account: str, cents: int,
           token: int) -> str:
     """Debit ``account`` once for ``payment_id``, if ``token`` is not stale."""
@@ -82,6 +83,7 @@ def debit(path: str | Path, payment_id: str, account: str, cents: int,
             raise
         db.execute("COMMIT")
         return outcome
+# --8<-- [end:debit]
 
 
 def balances(path: str | Path) -> dict[str, int]:
