@@ -17,6 +17,7 @@ from .exactly_once.submission import Submitter
 from .exactly_once.task import ExactlyOnceTask
 from .gpu.request import GpuRequest
 from .gpu.task import GpuTask
+from .observability.worker_step import ObservabilityStep
 from .routing import GpuRouter
 from .services import Services
 from .settings import AresSettings
@@ -149,6 +150,7 @@ class Ares:
 
     def _install_worker_step(self) -> None:
         self.app.steps["worker"].add(GpuHostStep)
+        self.app.steps["worker"].add(ObservabilityStep)
         options = self.app.user_options["worker"]
         options.add(click.Option(
             ["--ares-mock-gpus"], default=None,
@@ -158,6 +160,10 @@ class Ares:
             ["--ares-host"], default=None,
             help="ares: host identity for GPU routing (default: the part "
                  "of the node name after @)"))
+        options.add(click.Option(
+            ["--ares-metrics-port"], default=None,
+            help="ares: serve Prometheus /metrics on this port (or "
+                 "host:port); overrides ares_metrics_port"))
 
     def _on_postrun(self, sender: Any = None, task_id: str | None = None,
                     task: Any = None, **_: Any) -> None:

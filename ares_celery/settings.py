@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "ares_gpu_wait_timeout": 60.0,     # worker waits this long for GPUs
     "ares_gpu_state_dir": None,        # default: the temp dir
     "ares_cuda_visible_devices": "index",  # or "uuid"
+    "ares_metrics_port": None,         # workers: Prometheus port, or "host:port"
 }
 
 
@@ -107,6 +108,24 @@ def etcd_security(values: dict[str, Any]) -> EtcdSecurity:
                         cert=cert, key=key, user=user, password=password)
 
 
+def metrics_listen(name: str, value: Any) -> tuple[str, int] | None:
+    """Where a worker serves ``/metrics``: ``None`` (off), a port (all
+    interfaces, as Prometheus exporters do) or ``"host:port"``."""
+    if value is None or value == "":
+        return None
+    host, port = "0.0.0.0", value
+    if isinstance(value, str):
+        host, _, port = value.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        port = int(port) if port.strip().isdigit() else port
+    if isinstance(port, bool) or not isinstance(port, int) \
+            or not 1 <= port <= 65535:
+        raise ConfigurationError(
+            f"{name} must be a TCP port (1..65535) or 'host:port', "
+            f"got {value!r}")
+    return host, port
+
+
 @dataclass(frozen=True)
 class AresSettings:
     redis_url: str = field(repr=False)
@@ -123,6 +142,7 @@ class AresSettings:
     gpu_wait_timeout: float = 60.0
     gpu_state_dir: str | None = None
     cuda_visible_devices: str = "index"
+    metrics_listen: tuple[str, int] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -198,5 +218,7 @@ class AresSettings:
                                      values["ares_gpu_wait_timeout"], 0, 86400),
             gpu_state_dir=values["ares_gpu_state_dir"],
             cuda_visible_devices=visible,
+            metrics_listen=metrics_listen("ares_metrics_port",
+                                          values["ares_metrics_port"]),
             raw=values,
         )

@@ -27,6 +27,7 @@ from .gpu.inventory import InventoryPublisher, host_queue
 from .gpu.janitor import DeadHostJanitor, register_host_queue
 from .gpu.model import HostTopology
 from .gpu.request import GpuRequest
+from .observability.metrics import set_gpus_busy
 
 if TYPE_CHECKING:
     from .app import Ares
@@ -82,6 +83,22 @@ def worker_host(hostname: str | None, override: str | None = None) -> str:
     return name.split("@", 1)[1] if "@" in name else (name or "localhost")
 
 
+def inventory_summary(topology: HostTopology, busy: dict[int, str],
+                      links: list[str]) -> str:
+    """One line a person can read in Flower: what the host has, what is
+    free, which job holds each busy GPU, and how the GPUs are linked."""
+    models: dict[str, int] = {}
+    for gpu in topology.gpus:
+        label = f"{gpu.name} {gpu.memory_total_mb / 1024:.0f} GB"
+        models[label] = models.get(label, 0) + 1
+    free = [i for i in topology.indices if i not in busy]
+    held = ", ".join(f"GPU{i}: {job[:8]}" for i, job in sorted(busy.items()))
+    return (f"host {topology.host}: {len(topology)} GPUs "
+            f"({', '.join(f'{n}x {m}' for m, n in models.items())}); "
+            f"{len(free)} free {free}; {len(busy)} busy"
+            f"{f' ({held})' if held else ''}; links: {', '.join(links)}")
+
+
 class GpuHostStep(bootsteps.StartStopStep):
     """Probe GPUs, consume the host queue, publish and refresh inventory."""
 
@@ -120,6 +137,7 @@ class GpuHostStep(bootsteps.StartStopStep):
         ares, state = self.state.ares, self.state
         state.ledger.reset(host=state.host, queue=state.queue,
                            worker=worker.hostname, lease=0)
+        set_gpus_busy(state.host, 0)
         self.publisher = InventoryPublisher(
             ares.services.etcd, ares.services.keys, state.topology,
             ares.settings.lease_ttl, state.queue, worker=worker.hostname,
@@ -146,7 +164,9 @@ class GpuHostStep(bootsteps.StartStopStep):
             logger.warning("ares: GPU inventory refresh failed: %s", exc)
 
     def info(self, worker: Any) -> dict[str, Any]:
-        """Shown by ``celery inspect stats`` (and Flower's worker page)."""
+        """Shown by ``celery inspect stats`` and on Flower's worker page
+        (its "Other" tab lists every stats key it does not know, one row
+        each: ``ares_gpu`` for programs, ``ares_gpu_summary`` for people)."""
         if self.state is None:
             return {}
         state = self.state
@@ -154,14 +174,15 @@ class GpuHostStep(bootsteps.StartStopStep):
         links = sorted({state.topology.link(i, j).label()
                         for i in state.topology.indices
                         for j in state.topology.indices if i < j})
+        free = [i for i in state.topology.indices if i not in busy]
         return {"ares_gpu": {
             "host": state.host, "queue": state.queue,
             "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid,
                       "memory_mb": g.memory_total_mb,
                       "busy": busy.get(g.index)} for g in state.topology.gpus],
-            "free": [i for i in state.topology.indices if i not in busy],
+            "free": free,
             "links": links,
-        }}
+        }, "ares_gpu_summary": inventory_summary(state.topology, busy, links)}
 
     def stop(self, worker: Any) -> None:
         if self._tref is not None:

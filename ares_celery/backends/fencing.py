@@ -14,6 +14,8 @@ import logging
 from celery import states
 
 from ..exactly_once import context
+from ..observability import events
+from ..observability.metrics import count_commit
 
 logger = logging.getLogger("ares_celery.fencing")
 
@@ -39,6 +41,8 @@ def report_rejected(task_id: str, state: str, token: int, reason: str,
                     current: str) -> None:
     if reason == "fenced":
         CommitStats.fenced += 1
+        count_commit("fenced")
+        events.committed(task_id, "fenced", token, current)
         logger.warning(
             "ares: commit of job %s (%s) with fencing token %s REJECTED: a "
             "newer lease holder has token %s; the committed result stands",
@@ -53,7 +57,9 @@ def mark_committed(task_id: str, lock_released: bool = False) -> None:
     """Tell the running job its commit was accepted, so its lock can be
     dropped lazily (nobody needs it once the result is committed)."""
     CommitStats.accepted += 1
+    count_commit("accepted")
     ctx = context.lookup(task_id)
     if ctx is not None:
+        events.committed(task_id, "accepted", ctx.fencing_token)
         ctx.committed = True
         ctx.released = ctx.released or lock_released

@@ -11,6 +11,8 @@ from celery import Task as CeleryTask
 from celery.exceptions import Ignore, Reject
 
 from ..errors import AresError, ServiceUnavailable
+from ..observability import events
+from ..observability.metrics import count_job_lock
 from . import context
 from .context import JobContext
 
@@ -58,10 +60,12 @@ class JobRuntime:
             grant = services.keeper.current()
             outcome = services.locks.acquire(job_id, grant)
         except ServiceUnavailable as exc:
+            count_job_lock("unavailable")
             self.defer(task, f"etcd unavailable ({exc})")
         if outcome.status == "committed":
-            self._skip(job_id)
+            self._skip(task)
         if outcome.status == "held":
+            count_job_lock("held_elsewhere")
             holder = outcome.holder or {}
             self.defer(task, f"lock held by {holder.get('host')}:"
                               f"{holder.get('pid')}")
@@ -73,16 +77,19 @@ class JobRuntime:
                 committed = register_fence(job_id, token)
             except Exception as exc:  # noqa: BLE001 - any store error defers
                 self._release_quietly(job_id, token)
+                count_job_lock("unavailable")
                 self.defer(task, f"result store unavailable ({exc})")
             if committed:
                 self._release_quietly(job_id, token)
-                self._skip(job_id)
+                self._skip(task)
         ExecutionStats.acquired += 1
+        count_job_lock("acquired")
         ctx = JobContext(job_id=job_id,
                          request_id=header(request, REQUEST_ID_HEADER),
                          fencing_token=token, task_name=task.name,
                          grant=grant, keeper=services.keeper)
         context.register(ctx)
+        events.lease_taken(task, ctx)
         return ctx
 
     def finish(self, job_id: str) -> None:
@@ -105,10 +112,12 @@ class JobRuntime:
                            "itself when the worker's lease expires", job_id,
                            exc)
 
-    def _skip(self, job_id: str) -> None:
+    def _skip(self, task: Task) -> None:
         ExecutionStats.skipped_committed += 1
+        count_job_lock("committed")
+        events.skipped(task)
         logger.info("ares: job %s already committed; message acked, "
-                    "not run again", job_id)
+                    "not run again", task.request.id)
         raise Ignore()
 
     def defer(self, task: Task, why: str, queue: str | None = None,
@@ -135,6 +144,7 @@ class JobRuntime:
             all_headers[REQUEST_ID_HEADER] = rid
         all_headers.update(headers or {})
         ExecutionStats.deferred += 1
+        events.deferred(task, why, delay, waits + 1, queue)
         logger.info("ares: job %s deferred %.2fs (wait #%d)%s: %s",
                     request.id, delay, waits + 1,
                     f" to {queue}" if queue else "", why)

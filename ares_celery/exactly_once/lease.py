@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..clients.etcd import EtcdGateway
 from ..errors import ServiceUnavailable
+from ..observability.metrics import count_lease_granted, count_lease_lost
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class LeaseKeeper:
             lease_id = self._etcd.grant_lease(self.ttl)
             self._generation += 1
             self._grant = LeaseGrant(lease_id, self._generation)
+            count_lease_granted()
             self._confirmed_at = time.monotonic()
             self._ensure_thread()
             return self._grant
@@ -92,6 +94,7 @@ class LeaseKeeper:
         if self._grant is not None:
             logger.warning("ares: lease %x lost (%s)", self._grant.lease_id, why)
             self.losses += 1
+            count_lease_lost()
         self._grant = None
 
     def _ensure_thread(self) -> None:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from ..errors import InvalidRequestId, ServiceUnavailable
+from ..errors import InvalidRequestId, RequestIdConflict, ServiceUnavailable
+from ..observability.metrics import count_request
 from .execution import REQUEST_ID_HEADER
 from .identity import job_id_for, submission_digest, validate_request_id
 
@@ -37,7 +38,13 @@ class Submitter:
                 f"job id is {job_id}); pass only one of them")
         services.require_etcd()
         digest = submission_digest(task.name, args, kwargs)
-        reservation = services.dedup.reserve(rid, job_id, task.name, digest)
+        try:
+            reservation = services.dedup.reserve(rid, job_id, task.name,
+                                                 digest)
+        except RequestIdConflict:
+            count_request("conflict")
+            raise
+        count_request("new" if reservation.must_publish else "duplicate")
         if not reservation.must_publish:
             return task.AsyncResult(job_id)
         headers = dict(options.pop("headers", None) or {})

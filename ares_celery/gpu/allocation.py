@@ -28,6 +28,7 @@ from typing import Any
 from ..clients.etcd import EtcdGateway, op_put
 from ..errors import AresError, UnsatisfiableGpuRequest
 from ..exactly_once.identity import Keys
+from ..observability.metrics import set_gpus_busy
 from .inventory import state_payload
 from .model import HostTopology
 from .placement import Placement, best_placement
@@ -206,10 +207,11 @@ def publish_ledger(etcd: EtcdGateway, keys: Keys, ledger: HostGpuLedger) -> None
     """Write the host's free/busy state under the worker's inventory lease
     (any process may attach a key to a lease it knows the id of)."""
     with ledger.locked() as state:
+        busy = HostGpuLedger._busy(state)
+        set_gpus_busy(ledger.topology.host, len(busy))
         lease = int(state.get("lease", 0))
         if not lease:
             return
-        busy = HostGpuLedger._busy(state)
         payload = state_payload(ledger.topology, busy, state)
         try:
             etcd.txn(compare=[], success=[op_put(

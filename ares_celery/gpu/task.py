@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, ClassVar
 
 from ..errors import AresError, NoGpuHosts, UnsatisfiableGpuRequest
 from ..exactly_once.context import JobContext
 from ..exactly_once.execution import header
 from ..exactly_once.task import ExactlyOnceTask
+from ..observability import events
+from ..observability.metrics import observe_gpu_allocation
 from ..routing import ROUTE_HEADER
 from .allocation import GpusBusy
 from .request import GpuRequest
@@ -45,6 +48,7 @@ class GpuTask(ExactlyOnceTask):
         request = self.gpu_request
         if gpu is None:
             self._reroute(ctx, "this worker has no GPUs", exclude_self=False)
+        started = time.monotonic()
         try:
             allocation = gpu.allocate(ctx.job_id, request)
         except UnsatisfiableGpuRequest as exc:
@@ -55,6 +59,9 @@ class GpuTask(ExactlyOnceTask):
         ctx.gpu_uuids = allocation.uuids
         ctx.host = gpu.host
         ctx.placement_score = allocation.placement.score
+        waited = time.monotonic() - started
+        observe_gpu_allocation(waited)
+        events.placed(self, ctx, allocation, gpu.queue, waited)
         ctx.extra["cuda_visible_devices_before"] = os.environ.get(
             "CUDA_VISIBLE_DEVICES", _UNSET)
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu.visible_devices(allocation)
