@@ -47,7 +47,7 @@ class Services:
             self._keeper = LeaseKeeper(self._etcd, s.lease_ttl)
             self._dedup = DedupStore(
                 self._redis, self.keys, s.dedup_ttl, s.dedup_claim_timeout,
-                url=s.redis_url)
+                url=s.redis_url, republish_after=s.republish_after)
             self._locks = JobLocks(self._etcd, self.keys,
                                    check_done_marker=s.result_store == "etcd")
             self._etcd_ok_until = 0.0

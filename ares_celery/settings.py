@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "ares_lease_ttl": 30,
     "ares_dedup_ttl": 86400,
     "ares_dedup_claim_timeout": 5.0,
+    "ares_republish_after": 600.0,
     "ares_namespace": "ares",
     "ares_result_store": "redis",      # "redis" or "etcd"
     "ares_lease_retry_max_delay": None,  # defaults to the lease TTL
@@ -135,6 +136,7 @@ class AresSettings:
     lease_ttl: int = 30
     dedup_ttl: int = 86400
     dedup_claim_timeout: float = 5.0
+    republish_after: float = 600.0
     namespace: str = "ares"
     result_store: str = "redis"
     lease_retry_max_delay: float = 30.0
@@ -207,6 +209,9 @@ class AresSettings:
             dedup_claim_timeout=_number(
                 "ares_dedup_claim_timeout", values["ares_dedup_claim_timeout"],
                 0.05, 600),
+            republish_after=_number(
+                "ares_republish_after", values["ares_republish_after"],
+                0, 30 * 86400),
             namespace=namespace,
             result_store=store,
             lease_retry_max_delay=float(lease_ttl) if retry_max is None else

@@ -38,7 +38,8 @@ end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6])
-  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+  redis.call('HINCRBY', KEYS[2], 'commits', 1)
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
 end
 return {1, 'ok', ARGV[3]}
 """
@@ -59,6 +60,7 @@ class FencedRedisBackend(RedisBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._keys = Keys(self.app.conf.get("ares_namespace", "ares"))
+        self._dedup_ttl = int(self.app.conf.get("ares_dedup_ttl", 86400))
         self._commit_script = self.client.register_script(_COMMIT)
         self._fence_script = self.client.register_script(_FENCE)
 
@@ -67,7 +69,7 @@ class FencedRedisBackend(RedisBackend):
     def register_fence(self, job_id: str, token: int) -> str | None:
         """Raise the job's fence to ``token``; return the committed token if
         the job is already committed (then the body must not run)."""
-        ttl = max(int(self.expires or 0), 86400)
+        ttl = max(int(self.expires or 0), self._dedup_ttl, 86400)
         committed = self.ensure(lambda: self._fence_script(
             keys=[self._keys.job(job_id)], args=[token, ttl]), ())
         return bytes_to_str(committed) if committed else None
@@ -84,8 +86,12 @@ class FencedRedisBackend(RedisBackend):
         expires = self.failure_expires if state == "FAILURE" else self.expires
         keys = [self.get_key_for_task(task_id), self._keys.job(task_id),
                 self._keys.fenced_log()]
+        # The commit marker outlives the result if need be: while a dedup
+        # record can answer a retry, the marker must still say "committed"
+        # or the retry would republish (and re-run) a finished job.
+        marker_ttl = max(int(expires or 0), self._dedup_ttl)
         args = [self.encode(meta), "1" if terminal else "0", token,
-                int(expires or 0), task_id, state]
+                int(expires or 0), task_id, state, marker_ttl]
         accepted, reason, current = self.ensure(
             lambda: self._commit_script(keys=keys, args=args), ())
         reason, current = bytes_to_str(reason), bytes_to_str(current)

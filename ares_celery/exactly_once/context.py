@@ -33,6 +33,9 @@ class JobContext:
     fencing_token: int
     task_name: str
     grant: LeaseGrant | None = None
+    #: Wall-clock time the lock Txn returned: when this holder's tenure began
+    #: (what an audit compares with the previous holder's last valid moment).
+    acquired_at: float = 0.0
     keeper: LeaseKeeper | None = field(default=None, repr=False)
     released: bool = False
     committed: bool = False

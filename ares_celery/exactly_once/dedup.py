@@ -7,6 +7,12 @@ into *published*; one that finds a stale reservation (its client died
 between recording and publishing) takes the claim over and publishes itself,
 so the job is never lost. Publishing twice in that rare race is harmless:
 layers 2 and 3 make execution and commit exactly-once anyway.
+
+The broker can lose a published message too: kombu's Redis transport pops a
+message and records it as unacked in two steps, so a Redis crash between
+them drops it. A retried submission of a job that was published long ago
+(``ares_republish_after``) and is still not committed therefore publishes it
+again: clients that retry heal what the broker lost.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from ..clients.redis import unavailable_as_ares_error
 from ..errors import RequestIdConflict, ServiceUnavailable
 from .identity import Keys
 
-Outcome = Literal["reserved", "takeover", "published", "pending"]
+Outcome = Literal["reserved", "takeover", "republish", "published", "pending"]
 
 _RESERVE = """
 local t = redis.call('TIME')
@@ -38,7 +44,15 @@ local f = redis.call('HMGET', KEYS[1], 'job', 'task', 'digest', 'state', 'at')
 if f[2] ~= ARGV[3] or f[3] ~= ARGV[4] then
   return {'conflict', f[1] or '', f[2] or ''}
 end
-if f[4] == 'published' then return {'published', f[1]} end
+if f[4] == 'published' then
+  local after = tonumber(ARGV[7])
+  if after > 0 and now - tonumber(f[5] or '0') > after
+      and redis.call('HEXISTS', KEYS[2], 'committed') == 0 then
+    redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'at', now)
+    return {'republish', f[1]}
+  end
+  return {'published', f[1]}
+end
 if now - tonumber(f[5] or '0') > tonumber(ARGV[6]) then
   redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'at', now)
   return {'takeover', f[1]}
@@ -74,18 +88,20 @@ class Reservation:
 
     @property
     def must_publish(self) -> bool:
-        return self.outcome in ("reserved", "takeover")
+        return self.outcome in ("reserved", "takeover", "republish")
 
 
 class DedupStore:
     """Records submissions so duplicates publish nothing."""
 
     def __init__(self, client: redis.Redis, keys: Keys, ttl: int,
-                 claim_timeout: float, url: str = "") -> None:
+                 claim_timeout: float, url: str = "",
+                 republish_after: float = 0) -> None:
         self._redis = client
         self._keys = keys
         self._ttl = ttl
         self._claim_ms = int(claim_timeout * 1000)
+        self._republish_ms = int(republish_after * 1000)
         self._url = url
         self._reserve = client.register_script(_RESERVE)
         self._published = client.register_script(_MARK_PUBLISHED)
@@ -105,8 +121,9 @@ class DedupStore:
         pause = 0.001
         while True:
             outcome, *rest = self._call(
-                self._reserve, [key],
-                [owner, job_id, task_name, digest, self._ttl, self._claim_ms])
+                self._reserve, [key, self._keys.job(job_id)],
+                [owner, job_id, task_name, digest, self._ttl, self._claim_ms,
+                 self._republish_ms])
             outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
             found = [r.decode() if isinstance(r, bytes) else r for r in rest]
             if outcome == "conflict":

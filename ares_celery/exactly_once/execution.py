@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Task as CeleryTask
@@ -59,6 +60,7 @@ class JobRuntime:
         try:
             grant = services.keeper.current()
             outcome = services.locks.acquire(job_id, grant)
+            acquired_at = time.time()
         except ServiceUnavailable as exc:
             count_job_lock("unavailable")
             self.defer(task, f"etcd unavailable ({exc})")
@@ -87,7 +89,8 @@ class JobRuntime:
         ctx = JobContext(job_id=job_id,
                          request_id=header(request, REQUEST_ID_HEADER),
                          fencing_token=token, task_name=task.name,
-                         grant=grant, keeper=services.keeper)
+                         grant=grant, keeper=services.keeper,
+                         acquired_at=acquired_at)
         context.register(ctx)
         events.lease_taken(task, ctx)
         return ctx

@@ -58,11 +58,14 @@ class LeaseKeeper:
                 return self._grant
             if self._grant is not None:
                 self._mark_lost("not refreshed for a whole TTL")
+            # The TTL runs from when etcd granted it, somewhere between our
+            # request and its reply: count from the request, conservatively.
+            sent_at = time.monotonic()
             lease_id = self._etcd.grant_lease(self.ttl)
             self._generation += 1
             self._grant = LeaseGrant(lease_id, self._generation)
             count_lease_granted()
-            self._confirmed_at = time.monotonic()
+            self._confirmed_at = sent_at
             self._ensure_thread()
             return self._grant
 

@@ -3,6 +3,7 @@ one published message per request id."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
@@ -12,6 +13,8 @@ from ..errors import InvalidRequestId, RequestIdConflict, ServiceUnavailable
 from ..observability.metrics import count_request
 from .execution import REQUEST_ID_HEADER
 from .identity import job_id_for, submission_digest, validate_request_id
+
+logger = logging.getLogger("ares_celery.submission")
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -47,6 +50,11 @@ class Submitter:
         count_request("new" if reservation.must_publish else "duplicate")
         if not reservation.must_publish:
             return task.AsyncResult(job_id)
+        if reservation.outcome == "republish":
+            logger.warning(
+                "ares: job %s (request %r) was published %ss+ ago and is not "
+                "committed; publishing it again in case the broker lost it",
+                job_id, rid, services.settings.republish_after)
         headers = dict(options.pop("headers", None) or {})
         headers[REQUEST_ID_HEADER] = rid
         try:

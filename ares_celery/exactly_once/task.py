@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
 
+from ..errors import LeaseLost
 from . import context
 
 if TYPE_CHECKING:
@@ -39,6 +40,13 @@ class ExactlyOnceTask(Task):
         context.push(ctx)
         try:
             return self.run(*args, **kwargs)
+        except LeaseLost:
+            # The body stopped itself (ctx.check()) because this worker may
+            # no longer own the job: committing that as the job's FAILURE
+            # would end a job nobody finished. Hand it back instead; a newer
+            # holder commits, or this deferred copy runs it again.
+            self._ares.runtime.defer(self, "lease lost during the body")
+            raise
         finally:
             context.pop()
             self._after_body(ctx)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -177,3 +178,26 @@ def _etcd_ok(jobs):
         return True
     except ServiceUnavailable:
         return False
+
+
+def test_retry_republishes_a_message_the_broker_lost(jobs, store, monkeypatch):
+    monkeypatch.setattr(jobs.ares.services.dedup, "_republish_ms", 300)
+    first = jobs.record.apply_async(("lost",), request_id="lost-message")
+    store.delete("celery")                    # the broker lost the message
+    jobs.record.apply_async(("lost",), request_id="lost-message")
+    assert queued(store) == []                # fresh: a plain duplicate
+    wait_for(lambda: jobs.record.apply_async(("lost",),
+                                             request_id="lost-message")
+             and queued(store), 10, "a stale retry to publish again")
+    messages = queued(store)
+    assert [m["headers"]["id"] for m in messages] == [first.id]
+    jobs.record.apply_async(("lost",), request_id="lost-message")
+    assert len(queued(store)) == 1            # the republish renewed the claim
+
+    store.delete("celery")
+    store.hset(f"ares:job:{first.id}", "committed", 7)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:   # stale again, but committed
+        jobs.record.apply_async(("lost",), request_id="lost-message")
+        assert queued(store) == []
+        time.sleep(0.05)
