@@ -21,11 +21,13 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 class WorkerProcess:
-    """``celery -A tests.apps.jobs worker`` in its own process group."""
+    """``celery -A <module> worker`` in its own process group."""
 
     def __init__(self, app, name: str | None = None, concurrency: int = 1,
-                 pool: str = "prefork", env: dict | None = None) -> None:
+                 pool: str = "prefork", env: dict | None = None,
+                 module: str = "tests.apps.jobs") -> None:
         self.app = app
+        self.module = module
         self.name = name or f"w{uuid.uuid4().hex[:6]}@test"
         self.concurrency = concurrency
         self.pool = pool
@@ -34,7 +36,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "celery", "-A", "tests.apps.jobs",
+        cmd = [sys.executable, "-m", "celery", "-A", self.module,
                "worker", "-n", self.name, "-P", self.pool,
                "-c", str(self.concurrency), "-l", "info",
                "--without-mingle", "--without-gossip"]
@@ -49,7 +51,10 @@ class WorkerProcess:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"worker exited:\n{self.tail()}")
-        return bool(self.app.control.ping([self.name], timeout=0.5))
+        try:
+            return bool(self.app.control.ping([self.name], timeout=0.5))
+        except Exception:  # noqa: BLE001 - broker just restarted: try again
+            return False
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]

@@ -196,6 +196,11 @@ class RedisServer(_Process):
                "--dir", str(self.workdir), "--daemonize", "no",
                "--save", "", "--appendonly", "yes" if self.persist else "no",
                "--protected-mode", "no"]
+        if self.persist:
+            # Every write on disk before the reply: a SIGKILLed server comes
+            # back with all it acknowledged (queued messages, dedup records,
+            # fences), which is what the exactly-once guarantees assume.
+            cmd += ["--appendfsync", "always"]
         if self.password and self.username:
             cmd += ["--user", self.username, "on", f">{self.password}",
                     "~*", "&*", "+@all", "--user", "default", "off"]
@@ -317,6 +322,15 @@ class EtcdServer(_Process):
             "name": "root", "password": root_password})["token"]
         self.call("auth/disable", {}, token)
 
+    def status(self) -> dict:
+        """``/v3/maintenance/status``: member id, leader id, raft term."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.client_port}/v3/maintenance/status",
+            data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=2) as resp:
+            return json.loads(resp.read())
+
+
 class EtcdCluster:
     """Several etcd members on loopback, for leader-loss tests."""
 
@@ -344,6 +358,33 @@ class EtcdCluster:
             log.close()
         for member in self.members:
             member.wait_healthy(timeout)
+
+    def leader(self, timeout: float = 30.0) -> EtcdServer:
+        """The member the running members agree is leader (waits for an
+        election to settle)."""
+        def agreed() -> EtcdServer | None:
+            leaders = set()
+            by_id = {}
+            for member in self.members:
+                if member.proc is None or member.proc.poll() is not None:
+                    continue
+                status = member.status()
+                by_id[status["header"]["member_id"]] = member
+                leaders.add(status.get("leader"))
+            if len(leaders) == 1:
+                return by_id.get(leaders.pop())
+            return None
+        return wait_until(agreed, timeout, "an etcd leader")
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Stop every member, then start them all again on the same data:
+        a full etcd outage and recovery."""
+        self.stop()
+        self.start(timeout)
 
     def cleanup(self) -> None:
         for member in self.members:

@@ -14,34 +14,8 @@ import os
 import time
 
 import redis
-from celery import Celery
 
-from ares_celery import Ares
-
-
-def make_app(name: str = "jobs", **overrides) -> tuple[Celery, Ares]:
-    broker = overrides.pop("broker", None) or os.environ["ARES_TEST_BROKER"]
-    app = Celery(name, broker=broker)
-    app.conf.update(
-        ares_etcd_endpoints=os.environ.get("ARES_TEST_ETCD", "127.0.0.1:2379")
-        .split(","),
-        ares_lease_ttl=int(os.environ.get("ARES_TEST_LEASE_TTL", "3")),
-        broker_transport_options={
-            "visibility_timeout": int(os.environ.get("ARES_TEST_VISIBILITY",
-                                                     "6")),
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-        },
-        worker_prefetch_multiplier=1,
-        # One GPU ledger dir per test session: two sessions on one machine
-        # must not share the files of their same-named mock hosts.
-        ares_gpu_state_dir=os.environ.get("ARES_TEST_STATE_DIR"),
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-    )
-    app.conf.update(overrides)
-    return app, Ares(app)
-
+from tests.apps.config import make_app
 
 app, ares = make_app()
 _store = redis.Redis.from_url(os.environ["ARES_TEST_BROKER"])
@@ -113,6 +87,25 @@ def blocking(value, timeout=120):
     fenced_side_effect(ctx.job_id, ctx.fencing_token, str(value))
     return {"value": value, "token": ctx.fencing_token, "pid": os.getpid(),
             "lease_lost": ctx.lease_lost}
+
+
+@ares.task(name="jobs.slow")
+def slow(value, seconds):
+    """A body that just takes time, touching no store while it does, so a
+    broker restart underneath it cannot fail it."""
+    ctx = ares.current()
+    time.sleep(seconds)
+    record_execution(ctx.job_id, ctx.fencing_token)
+    fenced_side_effect(ctx.job_id, ctx.fencing_token, str(value))
+    return {"value": value, "token": ctx.fencing_token, "pid": os.getpid()}
+
+
+@ares.task(name="jobs.overtime", time_limit=1)
+def overtime(value):
+    """Runs past its hard time limit: the pool kills the process."""
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    time.sleep(60)
 
 
 @ares.task(name="jobs.fail")
