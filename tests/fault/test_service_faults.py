@@ -1,0 +1,116 @@
+"""Operational faults: etcd away for a while, the broker restarting under
+in-flight jobs, and hard time limits, with real ``celery worker`` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from celery.exceptions import TimeLimitExceeded
+
+from tests.processes import WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.fault, pytest.mark.integration]
+
+LOCKS = "/ares/locks/"
+
+
+def executions(store, job_id):
+    return [json.loads(x) for x in store.lrange(f"test:exec:{job_id}", 0, -1)]
+
+
+def job_state(store, job_id) -> dict:
+    raw = store.hgetall(f"ares:job:{job_id}")
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def hold(seconds: float, invariant, what: str) -> None:
+    """Keep checking ``invariant`` for the whole window: the fault lasts
+    ``seconds`` by definition, and it must hold at every look."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert invariant(), what
+        time.sleep(0.1)
+
+
+def test_etcd_down_ten_seconds_nothing_runs_nothing_is_lost(
+        jobs, store, etcd_server):
+    results = [jobs.record.apply_async((i,), request_id=f"queued-{i}")
+               for i in range(20)]
+    etcd_server.stop()
+    worker = WorkerProcess(jobs.app, concurrency=2)
+    try:
+        worker.start()
+        wait_for(lambda: "etcd unavailable" in worker.tail(100_000), 20,
+                 "the worker to defer a job for want of etcd")
+        hold(10, lambda: not any(executions(store, r.id) for r in results),
+             "a job ran without a lease")
+        etcd_server.start()
+        values = [r.get(timeout=60) for r in results]
+        assert [v["value"] for v in values] == list(range(20))
+        for r in results:
+            assert len(executions(store, r.id)) == 1
+            assert job_state(store, r.id)["commits"] == "1"
+    finally:
+        if etcd_server.proc.poll() is not None:
+            etcd_server.start()
+        worker.stop()
+
+
+@pytest.fixture()
+def persistent_broker(redis_server, services):
+    """The session's Redis with AOF and fsync on every write, so a SIGKILL
+    loses nothing it acknowledged (what a production broker must do)."""
+    redis_server.stop()
+    redis_server.persist = True
+    redis_server.start()
+    yield redis_server
+    redis_server.stop()
+    redis_server.persist = False
+    redis_server.start()
+
+
+def test_broker_restart_with_in_flight_jobs_commits_each_once(
+        jobs, store, etcd, persistent_broker):
+    worker = WorkerProcess(jobs.app, concurrency=2).start()
+    try:
+        results = [jobs.slow.apply_async((i, 1.5), request_id=f"inflight-{i}")
+                   for i in range(6)]
+        wait_for(lambda: etcd.count_prefix(LOCKS) >= 2, 20,
+                 "two jobs in flight")
+        persistent_broker.kill()
+        persistent_broker.start()
+        values = [r.get(timeout=90) for r in results]
+        assert [v["value"] for v in values] == list(range(6))
+        for r, value in zip(results, values, strict=True):
+            runs = executions(store, r.id)
+            assert runs and runs[-1]["token"] == value["token"]
+            state = job_state(store, r.id)
+            assert state["commits"] == "1"
+            assert state["committed"] == str(value["token"])
+            assert store.hget(f"test:effect:{r.id}", "token") == \
+                str(value["token"]).encode()
+    finally:
+        worker.stop()
+
+
+def test_hard_time_limit_fails_the_job_once_and_frees_its_lock(
+        jobs, store, etcd):
+    worker = WorkerProcess(jobs.app).start()
+    try:
+        result = jobs.overtime.apply_async(("x",), request_id="overtime")
+        with pytest.raises(TimeLimitExceeded):
+            result.get(timeout=30)
+        assert result.state == "FAILURE"
+        state = job_state(store, result.id)
+        assert state["state"] == "FAILURE" and state["commits"] == "1"
+        # The killed process's lease expires: the lock goes with it.
+        wait_for(lambda: etcd.count_prefix(LOCKS) == 0,
+                 jobs.ares.settings.lease_ttl + 10, "the lock to go")
+        again = jobs.overtime.apply_async(("x",), request_id="overtime")
+        assert again.id == result.id and again.state == "FAILURE"
+        assert len(executions(store, result.id)) == 1
+    finally:
+        worker.stop()
