@@ -48,7 +48,10 @@ app.conf.update(
     ares_gpu_state_dir=_env("ARES_GPU_STATE_DIR"),
     # Above the lease TTL (Ares warns otherwise) and above the longest job.
     broker_transport_options={
-        "visibility_timeout": int(_env("ARES_VISIBILITY_TIMEOUT", "3600"))},
+        "visibility_timeout": int(_env("ARES_VISIBILITY_TIMEOUT", "3600")),
+        # kombu holds its unacked-restore mutex this long after a crashed
+        # holder (default 300 s): no redelivery happens meanwhile.
+        "unacked_mutex_expire": 30},
     worker_prefetch_multiplier=1,
     worker_send_task_events=True,     # Flower shows ares fields live
     task_send_sent_event=True,

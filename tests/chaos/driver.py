@@ -160,11 +160,11 @@ class ChaosRun:
             return self.rng.choice(sorted(busy)) if busy else None
         if careless_only:
             try:
-                return wait_until(lambda: pick(True), 10,
+                return self._wait(lambda: pick(True), 10,
                                   "a careless job to fault")
             except TimeoutError:
                 pass
-        return wait_until(lambda: pick(False), 30,
+        return self._wait(lambda: pick(False), 30,
                           f"a busy worker to fault ({self._done()} done)")
 
     def kill_worker(self) -> str:
@@ -178,7 +178,7 @@ class ChaosRun:
         worker = self.workers[index]
         worker.pause()
         try:
-            wait_until(lambda: any(int(r["token"]) > int(token) for r in
+            self._wait(lambda: any(int(r["token"]) > int(token) for r in
                                    self.chaos.audit(job)),
                        self.config.visibility * 4 + 20,
                        f"job {job} to be taken over")
@@ -209,6 +209,25 @@ class ChaosRun:
         points = sorted(self.rng.uniform(0.05, 0.7) for _ in names)
         return list(zip(points, names, strict=True))
 
+    def _supervise(self) -> None:
+        """Restart a worker that exited on its own, as systemd or Kubernetes
+        would. (kombu 5.7's Redis transport can kill the worker with an
+        AttributeError when the broker connection drops while it holds
+        unacked messages; the report counts these.)"""
+        for index, worker in enumerate(self.workers):
+            if worker.proc is not None and worker.proc.poll() is not None:
+                self.report.worker_exits += 1
+                print(f"chaos: worker {index} exited "
+                      f"({worker.proc.returncode}); restarting", flush=True)
+                self.workers[index] = self._worker(index).start()
+
+    def _wait(self, check, timeout: float, what: str):
+        """Poll ``check`` with a deadline, supervising the workers meanwhile."""
+        def supervised():
+            self._supervise()
+            return check()
+        return wait_until(supervised, timeout, what)
+
     def _done(self) -> int:
         return self.chaos.effects.scard("chaos:done")
 
@@ -217,6 +236,7 @@ class ChaosRun:
     def run(self) -> ChaosReport:
         cfg = self.config
         began = time.monotonic()
+        print(f"chaos: seed {self.seed}", flush=True)
         self._start_services()
         requests = self._requests()
         for rid, _, args in requests:
@@ -239,8 +259,12 @@ class ChaosRun:
                 clients.append((proc, out))
             for point, name in self._fault_plan():
                 target = int(point * cfg.jobs)
-                wait_until(lambda t=target: self._done() >= t, cfg.deadline,
-                           f"{target} jobs done before {name}")
+                try:
+                    self._wait(lambda t=target: self._done() >= t,
+                               cfg.deadline, f"{target} jobs done before {name}")
+                except TimeoutError as exc:
+                    self.report.violations.append(f"stalled: {exc}"[:300])
+                    break
                 record = FaultRecord(name, time.time())
                 try:
                     record.detail = getattr(self, name)()
@@ -295,7 +319,7 @@ class ChaosRun:
         deadline = time.monotonic() + self.config.deadline
         while True:
             try:
-                wait_until(lambda: all(self._committed(list(jobs))),
+                self._wait(lambda: all(self._committed(list(jobs))),
                            self.config.republish_after + 2,
                            "every job to commit")
                 return

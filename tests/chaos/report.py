@@ -34,6 +34,8 @@ class ChaosReport:
     reexecutions: Counter = field(default_factory=Counter)
     #: Requests the driver had to submit again after waiting (lost messages).
     resubmitted: set = field(default_factory=set)
+    #: Workers that died on their own and were restarted (a supervisor's job).
+    worker_exits: int = 0
     elapsed: float = 0.0
 
     @property
@@ -50,6 +52,8 @@ class ChaosReport:
             f"(client retries {self.client_retries})",
             f"  committed results      {self.committed:>6}  of {cfg.jobs}",
             f"  executions (bodies)    {self.executions:>6}",
+            f"  workers that exited on their own  {self.worker_exits}  "
+            "(restarted, as a supervisor would)",
             f"  re-submitted by a client after a wait  "
             f"{len(self.resubmitted)}  (the broker had lost them)",
             f"  zombie commits fenced  {self.zombies_rejected:>6}  "
