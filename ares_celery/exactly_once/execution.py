@@ -111,9 +111,9 @@ class JobRuntime:
         try:
             self._services.locks.release(job_id, token)
         except ServiceUnavailable as exc:
-            logger.warning("ares: could not release job %s (%s); it frees "
-                           "itself when the worker's lease expires", job_id,
-                           exc)
+            logger.warning("ares: could not release job %s (%s); retrying "
+                           "in the background", job_id, exc)
+            self._services.locks.release_later(job_id, token)
 
     def _skip(self, task: Task) -> None:
         ExecutionStats.skipped_committed += 1

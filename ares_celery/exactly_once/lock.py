@@ -60,6 +60,9 @@ class JobLocks:
         # Lock key -> when its job committed, oldest first (dicts keep order).
         self._pending: dict[str, float] = {}
         self._pending_guard = threading.Lock()
+        # Lock key -> token of releases that failed (etcd away): retried in
+        # the background. Unlike _pending these jobs are NOT committed.
+        self._unreleased: dict[str, int] = {}
         self._releaser: threading.Thread | None = None
         self._releaser_guard = threading.Lock()
 
@@ -90,7 +93,10 @@ class JobLocks:
         if result.succeeded:
             token = result.revision
             if self._check_done and ranges and ranges[0]:
-                self.release(job_id, token)
+                try:
+                    self.release(job_id, token)
+                except ServiceUnavailable:
+                    self.release_later(job_id, token)
                 return LockOutcome("committed", token)
             return LockOutcome("acquired", token)
         lock_kvs = ranges[0] if ranges else []
@@ -116,6 +122,17 @@ class JobLocks:
                                 success=[op_delete(lock_key)])
         return result.succeeded
 
+    def release_later(self, job_id: str, token: int) -> None:
+        """Retry a release that failed because etcd was unreachable.
+
+        The lock hangs on this process's lease, which stays alive as long as
+        the process does: without a retry the job would stay locked (and
+        every redelivery deferred) until the worker exits.
+        """
+        with self._pending_guard:
+            self._unreleased[self._keys.lock(job_id)] = token
+        self._ensure_releaser()
+
     def discard_after_commit(self, job_id: str) -> None:
         """Drop a committed job's lock without a round trip of its own.
 
@@ -128,6 +145,9 @@ class JobLocks:
         """
         with self._pending_guard:
             self._pending.setdefault(self._keys.lock(job_id), time.monotonic())
+        self._ensure_releaser()
+
+    def _ensure_releaser(self) -> None:
         if self._releaser is None or not self._releaser.is_alive():
             with self._releaser_guard:
                 if self._releaser is None or not self._releaser.is_alive():
@@ -178,6 +198,21 @@ class JobLocks:
             self._restore_pending(keys)
             return False
 
+    def _retry_releases(self) -> None:
+        with self._pending_guard:
+            todo = list(self._unreleased.items())
+        for key, token in todo:
+            try:
+                self._etcd.txn(compare=[cmp_create_revision(key, token)],
+                               success=[op_delete(key)])
+            except ServiceUnavailable:
+                return  # still away: next round
+            with self._pending_guard:
+                if self._unreleased.get(key) == token:
+                    del self._unreleased[key]
+            logger.info("ares: released %s (token %s) after etcd returned",
+                        key, token)
+
     def _release_loop(self) -> None:
         while True:
             time.sleep(RELEASE_IDLE_S)
@@ -185,3 +220,5 @@ class JobLocks:
                 RELEASE_BATCH, older_than=time.monotonic() - RELEASE_IDLE_S)
             if batch:
                 self._delete_batch(batch)
+            if self._unreleased:
+                self._retry_releases()

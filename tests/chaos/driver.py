@@ -174,17 +174,24 @@ class ChaosRun:
         return f"worker {index} mid-job {job[:8]}"
 
     def pause_worker(self) -> str:
-        index, job, token = self._pick_busy(True)
-        worker = self.workers[index]
-        worker.pause()
-        try:
-            self._wait(lambda: any(int(r["token"]) > int(token) for r in
-                                   self.chaos.audit(job)),
-                       self.config.visibility * 4 + 20,
-                       f"job {job} to be taken over")
-        finally:
-            worker.resume()
-        return f"worker {index} job {job[:8]} token {token}"
+        """SIGSTOP a worker in the middle of a (careless) job until another
+        worker has taken that job over, then SIGCONT: a zombie. If the job
+        committed in the instant before the signal landed, try another."""
+        for _ in range(5):
+            index, job, token = self._pick_busy(True)
+            worker = self.workers[index]
+            worker.pause()
+            try:
+                if self._committed([job])[0] is not None:
+                    continue          # it finished first: not a zombie
+                self._wait(lambda j=job, t=token: any(
+                    int(r["token"]) > int(t) for r in self.chaos.audit(j)),
+                    self.config.visibility * 4 + 20,
+                    f"job {job} to be taken over")
+                return f"worker {index} job {job[:8]} token {token}"
+            finally:
+                worker.resume()
+        raise TimeoutError("no job stayed running long enough to pause")
 
     def restart_redis(self) -> str:
         self.redis.kill()

@@ -1,0 +1,40 @@
+"""Job locks against a real etcd: a release that fails while etcd is away
+must not leave the job locked for as long as the worker process lives."""
+
+from __future__ import annotations
+
+import pytest
+
+from ares_celery.errors import ServiceUnavailable
+from ares_celery.exactly_once.identity import Keys
+from ares_celery.exactly_once.lease import LeaseKeeper
+from ares_celery.exactly_once.lock import JobLocks
+from tests.processes import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_release_that_failed_while_etcd_was_down_is_retried(
+        etcd, etcd_server):
+    keeper = LeaseKeeper(etcd, 30)
+    locks = JobLocks(etcd, Keys("ares"), check_done_marker=False)
+    try:
+        grant = keeper.current()
+        taken = locks.acquire("stuck-job", grant)
+        assert taken.status == "acquired"
+        etcd_server.stop()
+        try:
+            with pytest.raises(ServiceUnavailable):
+                locks.release("stuck-job", taken.token)
+            locks.release_later("stuck-job", taken.token)
+        finally:
+            etcd_server.start()
+        # The process lease is alive (30 s TTL, refreshed): only the retry
+        # can free the lock.
+        wait_for(lambda: etcd.get("/ares/locks/stuck-job") is None, 15,
+                 "the retried release")
+        assert keeper.is_valid(grant)
+        again = locks.acquire("stuck-job", keeper.current())
+        assert again.status == "acquired" and again.token > taken.token
+    finally:
+        keeper.close()
