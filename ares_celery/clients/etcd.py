@@ -104,6 +104,11 @@ def cmp_version(key: str, version: int) -> dict[str, Any]:
             "version": str(version)}
 
 
+def cmp_value(key: str, value: str | bytes) -> dict[str, Any]:
+    return {"key": b64(key), "target": "VALUE", "result": "EQUAL",
+            "value": b64(value)}
+
+
 def op_put(key: str, value: str | bytes, lease: int = 0) -> dict[str, Any]:
     body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
     if lease:
@@ -269,6 +274,26 @@ def tls_context(ca_cert: str | None, cert: str | None,
 _json_dumps = json.dumps
 
 
+#: etcd answers these while it elects a leader or is still starting (its
+#: HTTP gateway routes /v3/* only once the server is up: a 404 meanwhile).
+_TRANSIENT_DETAILS = ("no leader", "timed out", "leader changed",
+                      "too many requests", "not capable", "unhealthy",
+                      "stopped")
+_TRANSIENT_REASONS = ("Not Found", "Bad Gateway", "Service Unavailable",
+                      "Gateway Timeout")
+
+
+def _transient(exc: Exception, detail: str) -> bool:
+    """Whether an etcd error means "this endpoint cannot serve right now"
+    (try the next one, or report ServiceUnavailable) rather than a refusal."""
+    if any(marker in detail for marker in _TRANSIENT_DETAILS):
+        return True
+    # A JSON body is etcd's own answer (a gRPC status such as "lease not
+    # found", also sent as 404); plain text comes from the HTTP layer.
+    return str(exc) in _TRANSIENT_REASONS and \
+        not detail.lstrip().startswith("{")
+
+
 def _detail(exc: Exception) -> str:
     return getattr(exc, "detail_text", None) or str(exc)
 
@@ -365,8 +390,9 @@ class EtcdGateway:
                 continue
             except etcd_exc.Etcd3Exception as exc:
                 detail = _detail(exc)
-                if "no leader" in detail or "timed out" in detail:
-                    errors.append(f"{self.endpoints[index]}: {detail}")
+                if _transient(exc, detail):
+                    errors.append(f"{self.endpoints[index]}: "
+                                  f"{exc} {detail}".strip())
                     continue
                 if "permission denied" in detail:
                     raise AuthenticationFailed(

@@ -22,6 +22,7 @@ from typing import Literal
 from ..clients.etcd import (
     EtcdGateway,
     cmp_create_revision,
+    cmp_value,
     op_delete,
     op_put,
     op_range,
@@ -63,6 +64,9 @@ class JobLocks:
         # Lock key -> token of releases that failed (etcd away): retried in
         # the background. Unlike _pending these jobs are NOT committed.
         self._unreleased: dict[str, int] = {}
+        # Lock key -> the value of a lock Txn whose reply was lost: it may
+        # have been applied, so the lock may be ours; deleted if it is.
+        self._unknown: dict[str, str] = {}
         self._releaser: threading.Thread | None = None
         self._releaser_guard = threading.Lock()
 
@@ -88,6 +92,14 @@ class JobLocks:
             )
         except ServiceUnavailable:
             self._restore_pending(discard)
+            # The Txn may have been applied with only its reply lost. The
+            # lock would then hang on a lease this process keeps alive, and
+            # nobody (this process included: its next try has a new nonce)
+            # would ever take the job. Delete it once etcd answers, if it
+            # still carries exactly our value.
+            with self._pending_guard:
+                self._unknown[lock_key] = value
+            self._ensure_releaser()
             raise
         ranges = result.ranges()
         if result.succeeded:
@@ -199,19 +211,26 @@ class JobLocks:
             return False
 
     def _retry_releases(self) -> None:
+        """Guarded deletes etcd did not answer before: a release (compare
+        the token) or a lock Txn whose outcome is unknown (compare our
+        value). Either way only a lock that is still ours goes."""
         with self._pending_guard:
-            todo = list(self._unreleased.items())
-        for key, token in todo:
+            todo = [(key, token, cmp_create_revision(key, token),
+                     self._unreleased)
+                    for key, token in self._unreleased.items()]
+            todo += [(key, value, cmp_value(key, value), self._unknown)
+                     for key, value in self._unknown.items()]
+        for key, expected, compare, pending in todo:
             try:
-                self._etcd.txn(compare=[cmp_create_revision(key, token)],
-                               success=[op_delete(key)])
+                result = self._etcd.txn(compare=[compare],
+                                        success=[op_delete(key)])
             except ServiceUnavailable:
                 return  # still away: next round
             with self._pending_guard:
-                if self._unreleased.get(key) == token:
-                    del self._unreleased[key]
-            logger.info("ares: released %s (token %s) after etcd returned",
-                        key, token)
+                if pending.get(key) == expected:
+                    del pending[key]
+            if result.succeeded:
+                logger.info("ares: released %s after etcd returned", key)
 
     def _release_loop(self) -> None:
         while True:
@@ -220,5 +239,5 @@ class JobLocks:
                 RELEASE_BATCH, older_than=time.monotonic() - RELEASE_IDLE_S)
             if batch:
                 self._delete_batch(batch)
-            if self._unreleased:
+            if self._unreleased or self._unknown:
                 self._retry_releases()

@@ -38,3 +38,30 @@ def test_release_that_failed_while_etcd_was_down_is_retried(
         assert again.status == "acquired" and again.token > taken.token
     finally:
         keeper.close()
+
+
+def test_lock_txn_applied_but_reply_lost_is_cleaned_up(etcd, monkeypatch):
+    keeper = LeaseKeeper(etcd, 30)
+    locks = JobLocks(etcd, Keys("ares"), check_done_marker=False)
+    try:
+        grant = keeper.current()
+        other = locks.acquire("someone-elses", grant)
+        real_txn = etcd.txn
+
+        def applied_then_lost(*args, **kwargs):
+            real_txn(*args, **kwargs)
+            raise ServiceUnavailable("connection reset after sending")
+
+        monkeypatch.setattr(etcd, "txn", applied_then_lost)
+        with pytest.raises(ServiceUnavailable):
+            locks.acquire("ghost-job", grant)
+        monkeypatch.undo()
+        assert etcd.get("/ares/locks/ghost-job") is not None  # it applied
+        # Our own live lease holds it; only the cleanup can free it.
+        wait_for(lambda: etcd.get("/ares/locks/ghost-job") is None, 15,
+                 "the lock of the lost reply to be deleted")
+        assert etcd.get("/ares/locks/someone-elses").create_revision == \
+            other.token                       # nothing else was touched
+        assert locks.acquire("ghost-job", grant).status == "acquired"
+    finally:
+        keeper.close()
