@@ -188,9 +188,16 @@ class ChaosRun:
                     int(r["token"]) > int(t) for r in self.chaos.audit(j)),
                     self.config.visibility * 4 + 20,
                     f"job {job} to be taken over")
-                return f"worker {index} job {job[:8]} token {token}"
             finally:
                 worker.resume()
+            if self.chaos.effects.sismember("chaos:careless", job):
+                # Let the zombie reach its commit (and be fenced) before the
+                # next fault can kill it.
+                self._wait(lambda j=job.encode(): any(
+                    entry[b"job"] == j for _, entry in
+                    self.store.xrange(f"{NAMESPACE}:fenced")), 30,
+                    f"the zombie of {job} to try its commit")
+            return f"worker {index} job {job[:8]} token {token}"
         raise TimeoutError("no job stayed running long enough to pause")
 
     def restart_redis(self) -> str:
