@@ -21,6 +21,7 @@ both believed their lease valid. It also counts re-executions per fault.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import random
@@ -375,11 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--extra-faults", type=int, default=0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--report-json", type=Path,
+                        help="also write the report's figures here")
     args = parser.parse_args(argv)
     report = run_chaos(ChaosConfig(jobs=args.jobs, seed=args.seed,
                                    extra_faults=args.extra_faults,
                                    clients=args.clients))
-    print(report.table())
+    print(report.table(), flush=True)
+    if args.report_json:
+        args.report_json.write_text(json.dumps(report.summary()))
     return 0 if report.ok else 1
 
 

@@ -38,6 +38,17 @@ class ChaosReport:
     worker_exits: int = 0
     elapsed: float = 0.0
 
+    def summary(self) -> dict:
+        """The figures a test asserts on, JSON-ready."""
+        return {"seed": self.seed, "jobs": self.config.jobs, "ok": self.ok,
+                "violations": self.violations,
+                "faults": [f.name for f in self.faults],
+                "committed": self.committed,
+                "submissions": self.submissions,
+                "executions": self.executions,
+                "zombies_rejected": self.zombies_rejected,
+                "table": self.table()}
+
     @property
     def ok(self) -> bool:
         return not self.violations
