@@ -19,6 +19,12 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": 3600},
 )
 
+if os.environ.get("BENCH_EXPIRES"):
+    # Short retention for the storage benchmark: results, commit markers
+    # and dedup records all expire after this many seconds.
+    app.conf.result_expires = int(os.environ["BENCH_EXPIRES"])
+    app.conf.ares_dedup_ttl = int(os.environ["BENCH_EXPIRES"])
+
 if MODE == "ares":
     app.conf.ares_etcd_endpoints = [os.environ["BENCH_ETCD"]]
     ares = Ares(app)

@@ -36,6 +36,23 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
+def round_trips(app, env) -> tuple[int, int]:
+    """(etcd revision, Redis commands processed so far): their growth over
+    N jobs is the etcd writes and Redis commands each job costs."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://{env['BENCH_ETCD']}/v3/kv/range", method="POST",
+        data=json.dumps({"key": "L2FyZXMv", "limit": 1}).encode())
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        revision = int(json.loads(resp.read())["header"]["revision"])
+    with app.connection_for_write() as conn:
+        stats = conn.default_channel.client.info("stats")
+    # Minus the INFO call itself and the broker's idle polling is noise
+    # we accept: it is the same for both modes.
+    return revision, int(stats["total_commands_processed"])
+
+
 def run_mode(mode, task, n, latency_n, concurrency, env):
     env = dict(env, BENCH_MODE=mode)
     os.environ.update(env)
@@ -77,6 +94,7 @@ def run_mode(mode, task, n, latency_n, concurrency, env):
         node = f"{mode}@bench"
         bench_app.app.control.cancel_consumer("celery", destination=[node],
                                               reply=True)
+        before = round_trips(bench_app.app, env)
         t0 = time.perf_counter()
         results = [submit(i) for i in range(n)]
         submit_s = time.perf_counter() - t0
@@ -95,7 +113,10 @@ def run_mode(mode, task, n, latency_n, concurrency, env):
         done = sorted(datetime.fromisoformat(json.loads(m)["date_done"])
                       .timestamp() for m in metas)
         span = done[-1] - done[0]
+        after = round_trips(bench_app.app, env)
         return {"throughput": (n - 1) / span, "submit_rate": n / submit_s,
+                "etcd_writes": (after[0] - before[0]) / n,
+                "redis_cmds": (after[1] - before[1]) / n,
                 "p50": statistics.median(latencies),
                 "p99": percentile(latencies, 99)}
     finally:
@@ -130,7 +151,8 @@ def main() -> None:
           f" etcd fsync={'on' if args.etcd_fsync else 'off'}")
     header = (f"{'task':6} {'procs':>5} | {'plain/s':>8} {'ares/s':>8} "
               f"{'ratio':>6} | {'plain p50':>9} {'ares p50':>9} {'added':>7}"
-              f" | {'plain p99':>9} {'ares p99':>9} {'added':>7}")
+              f" | {'plain p99':>9} {'ares p99':>9} {'added':>7}"
+              f" | {'etcd w/job':>10} {'redis cmd/job':>13}")
     print(header)
     print("-" * len(header))
     for task, conc, p, a in rows:
@@ -138,7 +160,9 @@ def main() -> None:
               f"{a['throughput']:8.0f} {a['throughput'] / p['throughput']:6.2f}"
               f" | {p['p50']:8.2f}ms {a['p50']:8.2f}ms "
               f"{a['p50'] - p['p50']:6.2f}ms | {p['p99']:8.2f}ms "
-              f"{a['p99']:8.2f}ms {a['p99'] - p['p99']:6.2f}ms")
+              f"{a['p99']:8.2f}ms {a['p99'] - p['p99']:6.2f}ms"
+              f" | {a['etcd_writes']:10.2f} {p['redis_cmds']:6.1f}->"
+              f"{a['redis_cmds']:<6.1f}")
 
 
 if __name__ == "__main__":
