@@ -8,8 +8,11 @@ import json
 import time
 
 import pytest
+import redis
 from celery.exceptions import TimeLimitExceeded
 
+from ares_celery.testing import RedisServer
+from tests.apps.config import make_app
 from tests.processes import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -60,28 +63,37 @@ def test_etcd_down_ten_seconds_nothing_runs_nothing_is_lost(
 
 
 @pytest.fixture()
-def persistent_broker(redis_server, services):
-    """The session's Redis with AOF and fsync on every write, so a SIGKILL
-    loses nothing it acknowledged (what a production broker must do)."""
-    redis_server.stop()
-    redis_server.persist = True
-    redis_server.start()
-    yield redis_server
-    redis_server.stop()
-    redis_server.persist = False
-    redis_server.start()
+def persistent_broker(services):
+    """A Redis of this test's own (broker, dedup records, results) with AOF
+    and fsync on every write, so a SIGKILL loses nothing it acknowledged;
+    restarting it leaves the session's Redis and its clients alone."""
+    server = RedisServer(persist=True)
+    server.start()
+    app, ares = make_app("broker-restart", broker=f"{server.url}/0")
+
+    @ares.task(name="jobs.slow", shared=False)
+    def slow(value, seconds):
+        """Only published from here; the worker runs tests.apps.jobs.slow."""
+
+    client = redis.Redis.from_url(f"{server.url}/0")
+    yield server, app, slow, client
+    client.close()
+    app.close()
+    server.cleanup()
 
 
 def test_broker_restart_with_in_flight_jobs_commits_each_once(
-        jobs, store, etcd, persistent_broker):
-    worker = WorkerProcess(jobs.app, concurrency=2).start()
+        etcd, persistent_broker):
+    server, app, slow, store = persistent_broker
+    worker = WorkerProcess(app, concurrency=2, env={
+        "ARES_TEST_BROKER": f"{server.url}/0"}).start()
     try:
-        results = [jobs.slow.apply_async((i, 1.5), request_id=f"inflight-{i}")
+        results = [slow.apply_async((i, 1.5), request_id=f"inflight-{i}")
                    for i in range(6)]
         wait_for(lambda: etcd.count_prefix(LOCKS) >= 2, 20,
                  "two jobs in flight")
-        persistent_broker.kill()
-        persistent_broker.start()
+        server.kill()
+        server.start()
         values = [r.get(timeout=90) for r in results]
         assert [v["value"] for v in values] == list(range(6))
         for r, value in zip(results, values, strict=True):
