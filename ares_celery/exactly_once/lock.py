@@ -61,12 +61,11 @@ class JobLocks:
         # Lock key -> when its job committed, oldest first (dicts keep order).
         self._pending: dict[str, float] = {}
         self._pending_guard = threading.Lock()
-        # Lock key -> token of releases that failed (etcd away): retried in
-        # the background. Unlike _pending these jobs are NOT committed.
-        self._unreleased: dict[str, int] = {}
-        # Lock key -> the value of a lock Txn whose reply was lost: it may
-        # have been applied, so the lock may be ours; deleted if it is.
-        self._unknown: dict[str, str] = {}
+        # Lock key -> the compare that proves the lock is still ours, for
+        # deletes etcd did not answer (a release: our token; a lock Txn whose
+        # reply was lost: our value). Retried in the background. Unlike
+        # _pending these jobs are NOT committed.
+        self._guarded: dict[str, dict] = {}
         self._releaser: threading.Thread | None = None
         self._releaser_guard = threading.Lock()
 
@@ -97,9 +96,7 @@ class JobLocks:
             # nobody (this process included: its next try has a new nonce)
             # would ever take the job. Delete it once etcd answers, if it
             # still carries exactly our value.
-            with self._pending_guard:
-                self._unknown[lock_key] = value
-            self._ensure_releaser()
+            self._delete_later(lock_key, cmp_value(lock_key, value))
             raise
         ranges = result.ranges()
         if result.succeeded:
@@ -141,8 +138,12 @@ class JobLocks:
         the process does: without a retry the job would stay locked (and
         every redelivery deferred) until the worker exits.
         """
+        key = self._keys.lock(job_id)
+        self._delete_later(key, cmp_create_revision(key, token))
+
+    def _delete_later(self, key: str, compare: dict) -> None:
         with self._pending_guard:
-            self._unreleased[self._keys.lock(job_id)] = token
+            self._guarded[key] = compare
         self._ensure_releaser()
 
     def discard_after_commit(self, job_id: str) -> None:
@@ -211,24 +212,19 @@ class JobLocks:
             return False
 
     def _retry_releases(self) -> None:
-        """Guarded deletes etcd did not answer before: a release (compare
-        the token) or a lock Txn whose outcome is unknown (compare our
-        value). Either way only a lock that is still ours goes."""
+        """Guarded deletes etcd did not answer before: only a lock that is
+        still ours (same token, or exactly our value) goes."""
         with self._pending_guard:
-            todo = [(key, token, cmp_create_revision(key, token),
-                     self._unreleased)
-                    for key, token in self._unreleased.items()]
-            todo += [(key, value, cmp_value(key, value), self._unknown)
-                     for key, value in self._unknown.items()]
-        for key, expected, compare, pending in todo:
+            todo = list(self._guarded.items())
+        for key, compare in todo:
             try:
                 result = self._etcd.txn(compare=[compare],
                                         success=[op_delete(key)])
             except ServiceUnavailable:
                 return  # still away: next round
             with self._pending_guard:
-                if pending.get(key) == expected:
-                    del pending[key]
+                if self._guarded.get(key) is compare:
+                    del self._guarded[key]
             if result.succeeded:
                 logger.info("ares: released %s after etcd returned", key)
 
@@ -239,5 +235,5 @@ class JobLocks:
                 RELEASE_BATCH, older_than=time.monotonic() - RELEASE_IDLE_S)
             if batch:
                 self._delete_batch(batch)
-            if self._unreleased or self._unknown:
+            if self._guarded:
                 self._retry_releases()

@@ -57,14 +57,19 @@ def test_inventory_lists_registered_hosts(services, etcd):
     assert "no GPU hosts" in celery("inventory").stdout
 
 
-def test_inventory_with_etcd_down_is_a_clear_error(services):
-    services[1].stop()
+@pytest.mark.parametrize("command, down", [("inventory", "etcd"),
+                                           ("status", "redis")])
+def test_unreachable_service_is_a_clear_error_naming_it(services, command,
+                                                        down):
+    server = services[1] if down == "etcd" else services[0]
+    port = server.client_port if down == "etcd" else server.port
+    server.stop()
     try:
-        out = celery("inventory")
+        out = celery(command)
         assert out.returncode != 0
-        assert f"127.0.0.1:{services[1].client_port}" in out.stderr
+        assert f"127.0.0.1:{port}" in out.stderr
     finally:
-        services[1].start()
+        server.start()
 
 
 def test_status_reports_services_hosts_and_locks(services, etcd):
@@ -79,16 +84,6 @@ def test_status_reports_services_hosts_and_locks(services, etcd):
         assert "0 job lock(s) held" in out.stdout
     finally:
         pub.withdraw()
-
-
-def test_status_names_the_unreachable_redis(services):
-    services[0].stop()
-    try:
-        out = celery("status")
-        assert out.returncode != 0
-        assert f"127.0.0.1:{services[0].port}" in out.stderr
-    finally:
-        services[0].start()
 
 
 def test_job_shows_committed_result_and_release_refuses_live_holder(
