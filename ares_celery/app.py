@@ -9,22 +9,26 @@ from typing import Any
 import click
 from celery import Celery, Task, signals
 
+from .backends.etcd import BACKEND_PATH as ETCD_BACKEND
+from .backends.redis import BACKEND_PATH as REDIS_BACKEND
+from .backends.registry import store_class
 from .errors import ConfigurationError
 from .exactly_once import context
 from .exactly_once.context import JobContext
 from .exactly_once.execution import JobRuntime
 from .exactly_once.submission import Submitter
 from .exactly_once.task import ExactlyOnceTask
+from .gpu.host import GpuHost, HostSlot
+from .gpu.host_step import GpuHostStep
+from .gpu.policies import DEFAULT_POLICY, POLICIES
 from .gpu.request import GpuRequest
+from .gpu.routing import GpuRouter
 from .gpu.task import GpuTask
 from .observability.worker_step import ObservabilityStep
-from .routing import GpuRouter
 from .services import Services
 from .settings import AresSettings
-from .worker import GpuHostStep, GpuWorkerState
 
-REDIS_BACKEND = "ares_celery.backends.redis:FencedRedisBackend"
-ETCD_BACKEND = "ares_celery.backends.etcd:FencedEtcdBackend"
+__all__ = ["ETCD_BACKEND", "REDIS_BACKEND", "Ares", "AresWarning"]
 
 
 class AresWarning(UserWarning):
@@ -32,37 +36,55 @@ class AresWarning(UserWarning):
 
 
 class Ares:
-    """Exactly-once tasks (and, later, GPU tasks) for one Celery app.
+    """Exactly-once tasks and GPU tasks for one Celery app.
 
     Reads the ``ares_*`` settings from ``app.conf``, checks the Celery
     settings the guarantee depends on, and installs the fenced result
     backend. Create it once, next to the app, before tasks are defined.
+
+    This is the one place that builds the parts and hands each the others
+    it needs (services, submitter, job runtime, routers, placement
+    policies, the GPU host slot, the worker bootsteps); nothing below it
+    looks anything up through it.
     """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
-        self.settings = AresSettings.from_conf(app.conf)
+        self.settings = settings = AresSettings.from_conf(app.conf)
         check_serializers(app.conf)
-        self._install_result_backend()
-        warn_on_visibility_timeout(app.conf, self.settings.lease_ttl)
-        self.services = Services(self.settings)
+        store = store_class(settings.result_store)
+        app.conf.result_backend = store.result_backend_url(
+            app.conf.get("result_backend"), settings)
+        warn_on_visibility_timeout(app.conf, settings.lease_ttl)
+        self.services = Services(settings, marker_in_etcd=store.marker_in_etcd)
+        self.policies = POLICIES
         self.submitter = Submitter(self.services)
         self.runtime = JobRuntime(self.services, lambda: self.app.backend)
-        self._task_base = type("AresTask", (ExactlyOnceTask,), {
-            "_ares": self, "__module__": __name__})
+        self.router = GpuRouter(self.services, self.policies)
+        self.worker_router = GpuRouter(self.services, self.policies,
+                                       watch=False)
+        #: Filled in GPU worker processes by the worker bootstep.
+        self.gpu_slot = HostSlot()
+        collaborators = {"_submitter": self.submitter,
+                         "_runtime": self.runtime, "__module__": __name__}
+        self._task_base = type("AresTask", (ExactlyOnceTask,), collaborators)
         self._gpu_task_base = type("AresGpuTask", (GpuTask,), {
-            "_ares": self, "__module__": __name__})
-        #: Set in GPU worker processes by the worker bootstep.
-        self.gpu_worker: GpuWorkerState | None = None
-        self.router = GpuRouter(self)
-        self.worker_router = GpuRouter(self, watch=False)
+            **collaborators, "_router": self.router,
+            "_worker_router": self.worker_router,
+            "_gpu_slot": self.gpu_slot})
         self._install_router()
-        self._install_worker_step()
-        app.ares = self
+        self._install_worker_steps()
+        app.ares = self  # for the CLI plugin, which only gets the app
         signals.task_postrun.connect(self._on_postrun, weak=False)
         signals.worker_process_shutdown.connect(self._on_shutdown, weak=False)
         signals.worker_shutdown.connect(self._on_shutdown, weak=False)
         signals.worker_init.connect(self._on_worker_init, weak=False)
+
+    @property
+    def gpu_worker(self) -> GpuHost | None:
+        """This worker's GPU host, if it is one (old name of
+        ``gpu_slot.host``)."""
+        return self.gpu_slot.host
 
     # -- decorators --------------------------------------------------------
 
@@ -72,11 +94,14 @@ class Ares:
 
     def gpu_task(self, *args: Any, gpus: int = 1,
                  min_memory_gb: float | None = None,
-                 interconnect: str | None = None, **options: Any) -> Any:
+                 interconnect: str | None = None,
+                 placement: str = DEFAULT_POLICY, **options: Any) -> Any:
         """``@ares.gpu_task(gpus=4, min_memory_gb=40, interconnect="nvlink")``:
         an exactly-once task routed to the host where those GPUs are best
-        connected, run with ``CUDA_VISIBLE_DEVICES`` set to them."""
-        options["gpu_request"] = GpuRequest(gpus, min_memory_gb, interconnect)
+        connected, run with ``CUDA_VISIBLE_DEVICES`` set to them.
+        ``placement`` names the placement policy (see ``gpu.policies``)."""
+        options["gpu_request"] = GpuRequest(gpus, min_memory_gb, interconnect,
+                                            policy=placement)
         return self._decorator("gpu_task", args, options, self._gpu_task_base)
 
     def _decorator(self, name: str, args: tuple, options: dict[str, Any],
@@ -120,26 +145,6 @@ class Ares:
         token and lease state."""
         return context.current()
 
-    def _install_result_backend(self) -> None:
-        conf = self.app.conf
-        current = conf.get("result_backend")
-        if self.settings.result_store == "etcd":
-            conf.result_backend = f"{ETCD_BACKEND}+etcd://"
-            return
-        if isinstance(current, str) and current.startswith(REDIS_BACKEND):
-            return
-        if current is None:
-            url = self.settings.redis_url
-        elif isinstance(current, str) and current.startswith(
-                ("redis://", "rediss://")):
-            url = current
-        else:
-            raise ConfigurationError(
-                f"result_backend={current!r} cannot fence commits; use a "
-                "redis:// URL (or none: ares_redis_url is used) or set "
-                "ares_result_store='etcd'")
-        conf.result_backend = f"{REDIS_BACKEND}+{url}"
-
     def _install_router(self) -> None:
         routes = self.app.conf.task_routes
         if routes is None:
@@ -148,9 +153,12 @@ class Ares:
             routes = (routes,)
         self.app.conf.task_routes = (self.router, *routes)
 
-    def _install_worker_step(self) -> None:
-        self.app.steps["worker"].add(GpuHostStep)
-        self.app.steps["worker"].add(ObservabilityStep)
+    def _install_worker_steps(self) -> None:
+        steps = self.app.steps["worker"]
+        steps.add(GpuHostStep.bound(self.settings, self.services,
+                                    self.policies, self.worker_router,
+                                    self.gpu_slot))
+        steps.add(ObservabilityStep.bound(self.settings))
         options = self.app.user_options["worker"]
         options.add(click.Option(
             ["--ares-mock-gpus"], default=None,
@@ -167,13 +175,9 @@ class Ares:
 
     def _on_postrun(self, sender: Any = None, task_id: str | None = None,
                     task: Any = None, **_: Any) -> None:
-        if isinstance(task, ExactlyOnceTask) and task._ares is self \
-                and task_id:
-            try:
-                self.runtime.finish(task_id)
-            finally:
-                if isinstance(task, GpuTask) and self.gpu_worker is not None:
-                    self.gpu_worker.release(task_id)
+        if isinstance(task, ExactlyOnceTask) and \
+                task._runtime is self.runtime and task_id:
+            task._finish_job(task_id)
 
     def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
         # Settings may have been changed after Ares(app); check again.

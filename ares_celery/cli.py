@@ -13,14 +13,14 @@ import uuid
 import click
 from celery.bin.base import CeleryCommand, CLIContext
 
-from .clients.etcd import cmp_create_revision, op_delete
 from .clients.redis import redact_url, unavailable_as_ares_error
 from .errors import AresError
 from .exactly_once.identity import job_id_for, validate_request_id
-from .gpu import best_placement
 from .gpu.discovery import discover_topology
 from .gpu.inventory import InventoryCache
 from .gpu.model import HostTopology
+from .gpu.policies import DEFAULT_POLICY, POLICIES
+from .gpu.request import GpuRequest
 
 
 def _ares(ctx: CLIContext):
@@ -65,10 +65,13 @@ def ares(ctx: click.Context) -> None:
               help="mock topology name or topo -m / JSON file "
                    "(default: $ARES_MOCK_GPUS, else NVML)")
 @click.option("--host", default=None, help="host name to report")
+@click.option("--policy", default=DEFAULT_POLICY,
+              type=click.Choice(sorted(POLICIES)),
+              help="placement policy to show placements of")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.pass_context
 def topology(ctx: click.Context, mock: str | None, host: str | None,
-             as_json: bool) -> None:
+             policy: str, as_json: bool) -> None:
     """This host's GPU topology and the best placement for k=1..n."""
     try:
         topo = discover_topology(mock, host)
@@ -77,7 +80,7 @@ def topology(ctx: click.Context, mock: str | None, host: str | None,
     placements = []
     for k in range(1, len(topo) + 1):
         try:
-            p = best_placement(topo, k)
+            p = POLICIES[policy].place(topo, GpuRequest(k, policy=policy))
             placements.append({"k": k, "gpus": list(p.gpus),
                                "score": p.score, "reason": p.reason})
         except AresError as exc:
@@ -227,7 +230,6 @@ def release(ctx: click.Context, job_id: str) -> None:
     """Delete a job's lock, only if its holder's lease is gone."""
     instance = _ares(ctx)
     services = instance.services
-    key = services.keys.lock(job_id)
     try:
         lock, holder, ttl = _read_lock(services, job_id)
         if lock is None:
@@ -238,12 +240,10 @@ def release(ctx: click.Context, job_id: str) -> None:
                 f"refusing: job {job_id} is held by {holder.get('host')}:"
                 f"{holder.get('pid')} whose lease {lock.lease:x} is alive "
                 f"({ttl}s left); it frees itself if that worker dies")
-        result = services.etcd.txn(
-            compare=[cmp_create_revision(key, lock.create_revision)],
-            success=[op_delete(key)])
+        released = services.locks.release(job_id, lock.create_revision)
     except AresError as exc:
         raise _fail(exc) from exc
-    if not result.succeeded:
+    if not released:
         raise click.ClickException(
             f"job {job_id}: the lock changed while releasing; run it again")
     click.echo(f"job {job_id}: released lock (token {lock.create_revision})")

@@ -15,20 +15,26 @@ import redis
 
 from .clients import redis as redis_clients
 from .clients.etcd import EtcdGateway
+from .coordination.mutex import JobLocks
+from .coordination.session import Session
 from .exactly_once.dedup import DedupStore
-from .exactly_once.identity import Keys
-from .exactly_once.lease import LeaseKeeper
-from .exactly_once.lock import JobLocks
+from .keys import Keys
 from .settings import AresSettings
 
 _ETCD_HEALTH_CACHE_S = 2.0
 
 
 class Services:
-    """Lazily built clients for one process."""
+    """Lazily built clients for one process.
 
-    def __init__(self, settings: AresSettings) -> None:
+    ``marker_in_etcd`` comes from the result store: when its commit marker
+    is an etcd key, every lock Txn reads it too.
+    """
+
+    def __init__(self, settings: AresSettings,
+                 marker_in_etcd: bool = False) -> None:
         self.settings = settings
+        self._marker_in_etcd = marker_in_etcd
         self.keys = Keys(settings.namespace)
         self._pid = -1
         self._guard = threading.Lock()
@@ -44,12 +50,12 @@ class Services:
             self._redis = redis_clients.connect(
                 s.redis_url, max_connections=s.redis_max_connections)
             self._etcd = s.etcd_gateway()
-            self._keeper = LeaseKeeper(self._etcd, s.lease_ttl)
+            self._keeper = Session(self._etcd, s.lease_ttl)
             self._dedup = DedupStore(
                 self._redis, self.keys, s.dedup_ttl, s.dedup_claim_timeout,
                 url=s.redis_url, republish_after=s.republish_after)
             self._locks = JobLocks(self._etcd, self.keys,
-                                   check_done_marker=s.result_store == "etcd")
+                                   check_done_marker=self._marker_in_etcd)
             self._etcd_ok_until = 0.0
             self._pid = os.getpid()
 
@@ -64,7 +70,8 @@ class Services:
         return self._etcd
 
     @property
-    def keeper(self) -> LeaseKeeper:
+    def keeper(self) -> Session:
+        """The process session (its lease carries every lock we take)."""
         self._ensure()
         return self._keeper
 

@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "ares_dedup_claim_timeout": 5.0,
     "ares_republish_after": 600.0,
     "ares_namespace": "ares",
-    "ares_result_store": "redis",      # "redis" or "etcd"
+    "ares_result_store": "redis",      # a name in backends.registry.STORES
     "ares_lease_retry_max_delay": None,  # defaults to the lease TTL
     "ares_redis_max_connections": 16,
     "ares_gpu_wait_timeout": 60.0,     # worker waits this long for GPUs
@@ -145,7 +145,6 @@ class AresSettings:
     gpu_state_dir: str | None = None
     cuda_visible_devices: str = "index"
     metrics_listen: tuple[str, int] | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def etcd_address(self) -> str:
@@ -188,9 +187,10 @@ class AresSettings:
             raise ConfigurationError(
                 f"ares_namespace must be a non-empty word, got {namespace!r}")
         store = values["ares_result_store"]
-        if store not in ("redis", "etcd"):
+        if not isinstance(store, str) or not store:
+            # Which names exist is the store registry's to say (Ares checks).
             raise ConfigurationError(
-                f"ares_result_store must be 'redis' or 'etcd', got {store!r}")
+                f"ares_result_store must be a store name, got {store!r}")
         retry_max = values["ares_lease_retry_max_delay"]
         visible = values["ares_cuda_visible_devices"]
         if visible not in ("index", "uuid"):
@@ -225,5 +225,4 @@ class AresSettings:
             cuda_visible_devices=visible,
             metrics_listen=metrics_listen("ares_metrics_port",
                                           values["ares_metrics_port"]),
-            raw=values,
         )

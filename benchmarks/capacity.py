@@ -35,12 +35,12 @@ def _lock_loop(endpoints: list[str], seconds: float, threads: int,
     import threading
 
     from ares_celery.clients.etcd import EtcdGateway
-    from ares_celery.exactly_once.identity import Keys
-    from ares_celery.exactly_once.lease import LeaseKeeper
-    from ares_celery.exactly_once.lock import JobLocks
+    from ares_celery.coordination.mutex import JobLocks
+    from ares_celery.coordination.session import Session
+    from ares_celery.keys import Keys
 
     gateway = EtcdGateway(endpoints)
-    keeper = LeaseKeeper(gateway, 30)
+    keeper = Session(gateway, 30)
     locks = JobLocks(gateway, Keys("capacity"), False)
     grant = keeper.current()
     counts = [0] * threads

@@ -51,11 +51,12 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ares_celery.exactly_once.identity import Keys  # noqa: E402
 from ares_celery.gpu import mock_topology  # noqa: E402
 from ares_celery.gpu.inventory import InventoryCache, host_queue  # noqa: E402
+from ares_celery.gpu.policies import POLICIES  # noqa: E402
 from ares_celery.gpu.request import GpuRequest  # noqa: E402
-from ares_celery.routing import GpuRouter  # noqa: E402
+from ares_celery.gpu.routing import GpuRouter  # noqa: E402
+from ares_celery.keys import Keys  # noqa: E402
 
 EIGHT_GPU_MOCKS = ("dgx1-v100", "dgx-a100", "hgx-h100", "pcie-8x-2socket")
 SHAPES = (
@@ -131,9 +132,9 @@ class PreparedRouter(GpuRouter):
     """The real router, reading a prepared cache instead of etcd."""
 
     def __init__(self, cache: InventoryCache) -> None:
-        fake = SimpleNamespace(services=SimpleNamespace(
-            etcd=SimpleNamespace(address="(none)"), keys=Keys("bench")))
-        super().__init__(fake, watch=False)  # type: ignore[arg-type]
+        fake = SimpleNamespace(etcd=SimpleNamespace(address="(none)"),
+                               keys=Keys("bench"))
+        super().__init__(fake, POLICIES, watch=False)  # type: ignore[arg-type]
         self._prepared = cache
 
     def cache(self) -> InventoryCache:

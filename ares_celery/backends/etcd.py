@@ -17,27 +17,33 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any, ClassVar
 
 from celery.backends.base import KeyValueStoreBackend
 from kombu.utils.encoding import bytes_to_str
 
-from ..clients.etcd import (
-    EtcdGateway,
-    cmp_create_revision,
-    cmp_version,
-    op_delete,
-    op_put,
-    op_range,
-)
-from ..exactly_once.identity import Keys
+from ..clients.etcd import EtcdGateway, cmp_version, op_delete, op_put, op_range
+from ..coordination.mutex import ownership_compare
+from ..keys import Keys
 from ..settings import AresSettings
 from .fencing import TERMINAL_STATES, mark_committed, report_rejected, token_for
+
+#: How Celery names this backend in ``result_backend`` ("module:Class+url").
+BACKEND_PATH = "ares_celery.backends.etcd:FencedEtcdBackend"
 
 
 class FencedEtcdBackend(KeyValueStoreBackend):
     """Results in etcd, committed write-once under the fencing token."""
 
     supports_native_join = False
+    store_name: ClassVar[str] = "etcd"
+    marker_in_etcd: ClassVar[bool] = True
+
+    @classmethod
+    def result_backend_url(cls, current: Any, settings: AresSettings) -> str:
+        """etcd results use ``ares_etcd_*``; whatever ``result_backend``
+        said is replaced (the store is chosen by ``ares_result_store``)."""
+        return f"{BACKEND_PATH}+etcd://"
 
     def __init__(self, app=None, url=None, **kwargs):
         super().__init__(app=app, url=url, **kwargs)
@@ -59,6 +65,12 @@ class FencedEtcdBackend(KeyValueStoreBackend):
 
     def __reduce__(self, args=(), kwargs=None):
         return super().__reduce__(args, dict(kwargs or {}))
+
+    def register_fence(self, job_id: str, token: int) -> str | None:
+        """Nothing to record: the commit compares the lock's create
+        revision itself, and the lock Txn already read the commit marker
+        (``marker_in_etcd``), so a committed job never got this far."""
+        return None
 
     # -- expiry ------------------------------------------------------------
 
@@ -108,7 +120,7 @@ class FencedEtcdBackend(KeyValueStoreBackend):
             marker = json.dumps({"token": token, "state": state})
             success.append(op_put(done_key, marker, lease))
             if token:
-                compare.append(cmp_create_revision(lock_key, token))
+                compare.append(ownership_compare(lock_key, token))
                 success.append(op_delete(lock_key))
         outcome = self.etcd.txn(compare, success,
                                 failure=[op_range(done_key)])

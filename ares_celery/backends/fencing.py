@@ -24,7 +24,7 @@ TERMINAL_STATES = frozenset(states.READY_STATES)
 
 
 class CommitStats:
-    """Per-process counters, read by tests, metrics and the CLI."""
+    """Per-process counters, read by tests."""
 
     accepted = 0
     fenced = 0

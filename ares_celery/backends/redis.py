@@ -9,11 +9,18 @@ Redis backend, so ``AsyncResult.get()`` wakes up at once.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from celery.backends.redis import RedisBackend
 from kombu.utils.encoding import bytes_to_str
 
-from ..exactly_once.identity import Keys
+from ..errors import ConfigurationError
+from ..keys import Keys
+from ..settings import AresSettings
 from .fencing import TERMINAL_STATES, mark_committed, report_rejected, token_for
+
+#: How Celery names this backend in ``result_backend`` ("module:Class+url").
+BACKEND_PATH = "ares_celery.backends.redis:FencedRedisBackend"
 
 _COMMIT = """
 local token = tonumber(ARGV[3])
@@ -56,6 +63,27 @@ return redis.call('HGET', KEYS[1], 'committed')
 
 class FencedRedisBackend(RedisBackend):
     """Drop-in for ``redis://`` results with write-once, fenced commits."""
+
+    store_name: ClassVar[str] = "redis"
+    marker_in_etcd: ClassVar[bool] = False
+
+    @classmethod
+    def result_backend_url(cls, current: Any, settings: AresSettings) -> str:
+        """The app's own ``redis://`` result backend (or, if it has none,
+        ``ares_redis_url``), fenced."""
+        if isinstance(current, str) and current.startswith(BACKEND_PATH):
+            return current
+        if current is None:
+            url = settings.redis_url
+        elif isinstance(current, str) and current.startswith(
+                ("redis://", "rediss://")):
+            url = current
+        else:
+            raise ConfigurationError(
+                f"result_backend={current!r} cannot fence commits; use a "
+                "redis:// URL (or none: ares_redis_url is used) or set "
+                "ares_result_store='etcd'")
+        return f"{BACKEND_PATH}+{url}"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -20,9 +20,9 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import requests
 from etcd3gw import exceptions as etcd_exc
@@ -71,6 +71,25 @@ class KeyValue:
             version=int(kv.get("version", 0)),
             lease=int(kv.get("lease", 0)),
         )
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change seen by a watch: the key-value after a PUT, or the key
+    (with its last revisions) that a DELETE removed."""
+
+    type: Literal["PUT", "DELETE"]
+    kv: KeyValue
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """What one watch response carried. ``restart`` means the stream can no
+    longer be trusted to be complete (etcd canceled it or compacted the
+    history it would replay): the reader must list again."""
+
+    events: list[WatchEvent]
+    restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -434,10 +453,11 @@ class EtcdGateway:
         kvs = [KeyValue.from_json(kv) for kv in resp.get("kvs") or []]
         return kvs, int(resp.get("header", {}).get("revision", 0))
 
-    def watch_endpoint(self) -> tuple[str, requests.Session]:
-        """URL and a streaming-capable session for ``/v3/watch`` on the
-        endpoint that answered last (watch streams need real ``requests``),
-        carrying the same TLS files and auth token as unary calls."""
+    def watch_prefix(self, prefix: str, start_revision: int) -> WatchStream:
+        """A stream of changes under ``prefix`` from ``start_revision`` on,
+        from the endpoint that answered last, with the same TLS files and
+        auth token as unary calls. Raises :class:`ServiceUnavailable` if
+        the stream cannot be opened."""
         host, port = self.endpoints[self._preferred]
         session = requests.Session()
         session.trust_env = False
@@ -448,7 +468,18 @@ class EtcdGateway:
             session.cert = (sec.cert, sec.key)
         session.headers.update(self.tokens.header())
         host = f"[{host}]" if ":" in host else host
-        return f"{sec.protocol}://{host}:{port}/v3/watch", session
+        url = f"{sec.protocol}://{host}:{port}/v3/watch"
+        body = {"create_request": {
+            "key": b64(prefix), "range_end": b64(prefix_end(prefix)),
+            "start_revision": str(start_revision)}}
+        try:
+            response = session.post(url, json=body, stream=True,
+                                    timeout=(self.timeout, None))
+        except requests.exceptions.RequestException as exc:
+            session.close()
+            raise ServiceUnavailable(
+                f"etcd watch unavailable at {host}:{port}: {exc}") from exc
+        return WatchStream(session, response)
 
     def count_prefix(self, prefix: str) -> int:
         resp = self._post("/kv/range", {
@@ -499,3 +530,74 @@ class EtcdGateway:
     def status(self) -> dict[str, Any]:
         """Cluster member status; proves a member answers requests."""
         return self._post("/maintenance/status", {})
+
+
+class WatchStream:
+    """An open ``/v3/watch`` stream: iterate for batches of events; close it
+    from any thread to stop the reader."""
+
+    def __init__(self, session: requests.Session,
+                 response: requests.Response) -> None:
+        self._session = session
+        self._response = response
+
+    def __enter__(self) -> WatchStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._response.close()
+        self._session.close()
+
+    def __iter__(self) -> Iterator[WatchBatch]:
+        for message in _json_messages(self._response):
+            result = message.get("result", {})
+            if result.get("canceled") or result.get("compact_revision"):
+                yield WatchBatch([], restart=True)
+                return
+            events = []
+            for event in result.get("events") or []:
+                kv = KeyValue.from_json(event.get("kv", {}))
+                events.append(WatchEvent(
+                    "DELETE" if event.get("type") == "DELETE" else "PUT", kv))
+            if events:
+                yield WatchBatch(events)
+
+    def close(self) -> None:
+        """Wake the thread blocked reading the stream.
+
+        Closing the response from another thread would wait for that
+        reader's buffer lock forever; shutting the socket down makes its
+        ``recv`` return at once (etcd3gw's watcher does the same).
+        """
+        try:
+            fd = self._response.raw._fp.fileno()  # noqa: SLF001 - no public handle
+            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _json_messages(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """Watch responses as they arrive.
+
+    ``iter_lines()`` buffers up to its chunk size before yielding, which
+    would hold small watch events back until more traffic comes; read
+    chunks as the server flushes them and split complete JSON lines.
+    """
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while True:
+            line, sep, rest = buffer.partition(b"\n")
+            if not sep:
+                break
+            buffer = rest
+            if line.strip():
+                yield json.loads(line)
+        if buffer.strip():
+            try:
+                message = json.loads(buffer)
+            except ValueError:
+                continue  # an incomplete message: wait for the rest
+            buffer = b""
+            yield message

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AresError, LeaseLost
 
 if TYPE_CHECKING:
-    from .lease import LeaseGrant, LeaseKeeper
+    from ..coordination.mutex import JobLock
+    from ..coordination.session import LeaseGrant, Session
 
 _local = threading.local()
 
@@ -36,7 +37,9 @@ class JobContext:
     #: Wall-clock time the lock Txn returned: when this holder's tenure began
     #: (what an audit compares with the previous holder's last valid moment).
     acquired_at: float = 0.0
-    keeper: LeaseKeeper | None = field(default=None, repr=False)
+    keeper: Session | None = field(default=None, repr=False)
+    #: The job's lock in etcd (its ownership compare, its release).
+    lock: JobLock | None = field(default=None, repr=False)
     released: bool = False
     committed: bool = False
     #: GPU tasks only: host GPU indices, their UUIDs, the host, the score.

@@ -6,12 +6,16 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery import Task as CeleryTask
 from celery.exceptions import Ignore, Reject
 
+from .. import headers as wire
+from ..backends.store import FencedStore
 from ..errors import AresError, ServiceUnavailable
+from ..headers import header
 from ..observability import events
 from ..observability.metrics import count_job_lock
 from . import context
@@ -24,20 +28,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ares_celery.execution")
 
-REQUEST_ID_HEADER = "ares_request_id"
-WAITS_HEADER = "ares_lease_waits"
-
-
-def header(request: Any, name: str) -> Any:
-    """A custom message header, wherever this Celery version put it."""
-    value = request.get(name) if hasattr(request, "get") else None
-    if value is None:
-        value = (getattr(request, "headers", None) or {}).get(name)
-    return value
+#: Old names of the wire headers (now in :mod:`ares_celery.headers`).
+REQUEST_ID_HEADER = wire.REQUEST_ID
+WAITS_HEADER = wire.LEASE_WAITS
 
 
 class ExecutionStats:
-    """Per-process counters for tests, metrics and the CLI."""
+    """Per-process counters, read by tests."""
 
     acquired = 0
     deferred = 0
@@ -47,9 +44,12 @@ class ExecutionStats:
 class JobRuntime:
     """Runs the lease protocol around one task execution."""
 
-    def __init__(self, services: Services, backend_getter) -> None:
+    def __init__(self, services: Services,
+                 store: Callable[[], FencedStore]) -> None:
         self._services = services
-        self._backend = backend_getter
+        # The app's result backend, looked up per call: Celery builds one
+        # per thread, lazily.
+        self._store = store
 
     def begin(self, task: Task) -> JobContext:
         """Take the job's lock or raise :class:`Ignore` after deferring or
@@ -72,25 +72,22 @@ class JobRuntime:
             self.defer(task, f"lock held by {holder.get('host')}:"
                               f"{holder.get('pid')}")
         token = outcome.token
-        backend = self._backend()
-        register_fence = getattr(backend, "register_fence", None)
-        if register_fence is not None:
-            try:
-                committed = register_fence(job_id, token)
-            except Exception as exc:  # noqa: BLE001 - any store error defers
-                self._release_quietly(job_id, token)
-                count_job_lock("unavailable")
-                self.defer(task, f"result store unavailable ({exc})")
-            if committed:
-                self._release_quietly(job_id, token)
-                self._skip(task)
+        try:
+            committed = self._store().register_fence(job_id, token)
+        except Exception as exc:  # noqa: BLE001 - any store error defers
+            self._release_quietly(job_id, token)
+            count_job_lock("unavailable")
+            self.defer(task, f"result store unavailable ({exc})")
+        if committed:
+            self._release_quietly(job_id, token)
+            self._skip(task)
         ExecutionStats.acquired += 1
         count_job_lock("acquired")
         ctx = JobContext(job_id=job_id,
-                         request_id=header(request, REQUEST_ID_HEADER),
+                         request_id=header(request, wire.REQUEST_ID),
                          fencing_token=token, task_name=task.name,
                          grant=grant, keeper=services.keeper,
-                         acquired_at=acquired_at)
+                         acquired_at=acquired_at, lock=outcome.lock)
         context.register(ctx)
         events.lease_taken(task, ctx)
         return ctx
@@ -115,7 +112,7 @@ class JobRuntime:
                            "in the background", job_id, exc)
             self._services.locks.release_later(job_id, token)
 
-    def _skip(self, task: Task) -> None:
+    def _skip(self, task: Task) -> NoReturn:
         ExecutionStats.skipped_committed += 1
         count_job_lock("committed")
         events.skipped(task)
@@ -125,7 +122,7 @@ class JobRuntime:
 
     def defer(self, task: Task, why: str, queue: str | None = None,
               headers: dict[str, Any] | None = None,
-              delay: float | None = None) -> None:
+              delay: float | None = None) -> NoReturn:
         """Re-publish the same job with a back-off and ack this delivery.
 
         If the lock holder dies, its lease expires within the TTL and one of
@@ -135,16 +132,16 @@ class JobRuntime:
         request = task.request
         if request.is_eager:
             raise AresError(f"job {request.id} cannot run now: {why}")
-        waits = int(header(request, WAITS_HEADER) or 0)
+        waits = int(header(request, wire.LEASE_WAITS) or 0)
         if delay is None:
             max_delay = self._services.settings.lease_retry_max_delay
             delay = min(max_delay, 0.2 * (2 ** min(waits, 16)))
             delay *= random.uniform(0.8, 1.2)
         all_headers = dict(request.headers or {})
-        all_headers[WAITS_HEADER] = waits + 1
-        rid = header(request, REQUEST_ID_HEADER)
+        all_headers[wire.LEASE_WAITS] = waits + 1
+        rid = header(request, wire.REQUEST_ID)
         if rid is not None:
-            all_headers[REQUEST_ID_HEADER] = rid
+            all_headers[wire.REQUEST_ID] = rid
         all_headers.update(headers or {})
         ExecutionStats.deferred += 1
         events.deferred(task, why, delay, waits + 1, queue)

@@ -1,4 +1,4 @@
-"""Request ids, job ids and the keys that hang off them.
+"""Request ids and the job ids derived from them.
 
 The job id is a pure function of the namespace and the request id (uuid5),
 so a client retry names the same job even if Redis lost every dedup key:
@@ -13,6 +13,9 @@ import uuid
 from typing import Any
 
 from ..errors import InvalidRequestId
+from ..keys import Keys
+
+__all__ = ["Keys", "job_id_for", "submission_digest", "validate_request_id"]
 
 MAX_REQUEST_ID_LENGTH = 256
 
@@ -46,47 +49,3 @@ def submission_digest(task_name: str, args: Any, kwargs: Any) -> str:
     payload = json.dumps([task_name, list(args or ()), kwargs or {}],
                          sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-class Keys:
-    """Key layout of one namespace in Redis and etcd."""
-
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
-
-    def dedup(self, request_id: str) -> str:
-        return f"{self.namespace}:dedup:{request_id}"
-
-    def job(self, job_id: str) -> str:
-        """Redis hash with the job's fence (highest token) and commit."""
-        return f"{self.namespace}:job:{job_id}"
-
-    def fenced_log(self) -> str:
-        """Redis stream recording every rejected (fenced) commit."""
-        return f"{self.namespace}:fenced"
-
-    def lock_prefix(self) -> str:
-        return f"/{self.namespace}/locks/"
-
-    def lock(self, job_id: str) -> str:
-        return f"{self.lock_prefix()}{job_id}"
-
-    def result(self, job_id: str) -> str:
-        return f"/{self.namespace}/results/{job_id}"
-
-    def done(self, job_id: str) -> str:
-        return f"/{self.namespace}/done/{job_id}"
-
-    def fenced(self, job_id: str, token: int) -> str:
-        return f"/{self.namespace}/fenced/{job_id}/{token}"
-
-    def inventory_prefix(self) -> str:
-        return f"/{self.namespace}/inventory/"
-
-    def inventory_topology(self, host: str) -> str:
-        """A host's topology (rarely changes), attached to its lease."""
-        return f"/{self.namespace}/inventory/{host}/topology"
-
-    def inventory_state(self, host: str) -> str:
-        """A host's free/busy GPUs (changes per job), attached to its lease."""
-        return f"/{self.namespace}/inventory/{host}/state"

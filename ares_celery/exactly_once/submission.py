@@ -1,17 +1,28 @@
 """The client side: turn ``apply_async(..., request_id=...)`` into at most
-one published message per request id."""
+one published message per request id.
+
+The stages run in this order, and each runs only if the one before says the
+message must go out: validate -> reserve (dedup) -> route -> publish ->
+mark published. Routing comes after the reservation on purpose: a retry of
+a job that already exists must return it even when no host could take it
+right now (its GPU workers stopped, say), and must not book GPUs for a
+message it will never send. Any failure after the reservation (routing,
+publishing) rolls the reservation back so the client's retry is not
+blocked for the claim timeout.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from kombu.exceptions import OperationalError
 
+from .. import headers as wire
 from ..errors import InvalidRequestId, RequestIdConflict, ServiceUnavailable
 from ..observability.metrics import count_request
-from .execution import REQUEST_ID_HEADER
 from .identity import job_id_for, submission_digest, validate_request_id
 
 logger = logging.getLogger("ares_celery.submission")
@@ -21,6 +32,10 @@ if TYPE_CHECKING:
 
     from ..services import Services
 
+#: Adds routing to a message's options (queue, headers) just before it is
+#: published; raises if the job has nowhere to go.
+Route = Callable[[dict[str, Any]], dict[str, Any]]
+
 
 class Submitter:
     def __init__(self, services: Services) -> None:
@@ -28,10 +43,13 @@ class Submitter:
 
     def submit(self, task: Task, args: Any, kwargs: Any,
                task_id: str | None, request_id: Any,
-               options: dict[str, Any]) -> AsyncResult:
+               options: dict[str, Any],
+               route: Route | None = None) -> AsyncResult:
         services = self._services
         if request_id is None:
             services.require_etcd()
+            if route is not None:
+                options = route(options)
             return self._publish(task, args, kwargs, task_id, options)
         rid = validate_request_id(request_id)
         job_id = job_id_for(services.settings.namespace, rid)
@@ -55,9 +73,11 @@ class Submitter:
                 "ares: job %s (request %r) was published %ss+ ago and is not "
                 "committed; publishing it again in case the broker lost it",
                 job_id, rid, services.settings.republish_after)
-        headers = dict(options.pop("headers", None) or {})
-        headers[REQUEST_ID_HEADER] = rid
         try:
+            if route is not None:
+                options = route(options)
+            headers = dict(options.get("headers") or {})
+            headers[wire.REQUEST_ID] = rid
             result = self._publish(task, args, kwargs, job_id,
                                    dict(options, headers=headers))
         except BaseException:

@@ -12,30 +12,40 @@ from . import context
 if TYPE_CHECKING:
     from celery.result import AsyncResult
 
-    from ..app import Ares
+    from .execution import JobRuntime
+    from .submission import Route, Submitter
 
 
 class ExactlyOnceTask(Task):
     """A Celery task whose job runs once and commits once.
 
     ``apply_async`` accepts ``request_id=`` (the client's idempotency key);
-    the body runs only while this worker holds the job's etcd lease.
+    the body runs only while this worker holds the job's etcd lease. The
+    submitter and the job runtime are handed in when ``Ares`` builds the
+    app's base class, as Celery hands ``app`` to its tasks.
     """
 
-    _ares: ClassVar[Ares]
+    _submitter: ClassVar[Submitter]
+    _runtime: ClassVar[JobRuntime]
     acks_late = True
     reject_on_worker_lost = True
 
     def apply_async(self, args: Any = None, kwargs: Any = None,
                     task_id: str | None = None, *, request_id: Any = None,
                     **options: Any) -> AsyncResult:
-        return self._ares.submitter.submit(self, args, kwargs, task_id,
-                                           request_id, options)
+        return self._submitter.submit(self, args, kwargs, task_id,
+                                      request_id, options,
+                                      route=self._route_for(options))
+
+    def _route_for(self, options: dict[str, Any]) -> Route | None:
+        """How to route this message once the submitter knows it must be
+        published (None: Celery's own ``task_routes`` decide)."""
+        return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.request.called_directly:
             return super().__call__(*args, **kwargs)
-        ctx = self._ares.runtime.begin(self)
+        ctx = self._runtime.begin(self)
         self._before_body(ctx)
         context.push(ctx)
         try:
@@ -45,8 +55,7 @@ class ExactlyOnceTask(Task):
             # no longer own the job: committing that as the job's FAILURE
             # would end a job nobody finished. Hand it back instead; a newer
             # holder commits, or this deferred copy runs it again.
-            self._ares.runtime.defer(self, "lease lost during the body")
-            raise
+            self._runtime.defer(self, "lease lost during the body")
         finally:
             context.pop()
             self._after_body(ctx)
@@ -56,3 +65,9 @@ class ExactlyOnceTask(Task):
 
     def _after_body(self, ctx: context.JobContext) -> None:
         """Hook after the body, before the result is committed."""
+
+    def _finish_job(self, job_id: str) -> None:
+        """After the result is stored (or the run deferred or skipped):
+        give the lock back. Called from ``task_postrun``, which, unlike
+        ``after_return``, also runs for deferred (ignored) deliveries."""
+        self._runtime.finish(job_id)

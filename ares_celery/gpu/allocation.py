@@ -6,8 +6,8 @@ host's free set with the placement scorer while holding the lock, so two
 jobs can never get the same GPU. Each allocation records the pid that holds
 it; if that process dies (SIGKILL, hard time limit, revoke with terminate)
 the next allocation or the worker's periodic reaper gives the GPUs back.
-After every change the new free set is written to etcd under the worker's
-inventory lease, so the router sees it.
+The ledger only records; :class:`~ares_celery.gpu.host.GpuHost` publishes
+the new free set after every change, so the router sees it.
 """
 
 from __future__ import annotations
@@ -19,19 +19,15 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..clients.etcd import EtcdGateway, op_put
 from ..errors import AresError, UnsatisfiableGpuRequest
-from ..exactly_once.identity import Keys
-from ..observability.metrics import set_gpus_busy
-from .inventory import state_payload
 from .model import HostTopology
-from .placement import Placement, best_placement
+from .placement import Placement, PlacementPolicy
 from .request import GpuRequest
 
 logger = logging.getLogger(__name__)
@@ -71,11 +67,18 @@ class Allocation:
 
 
 class HostGpuLedger:
-    """The host's GPU allocations, in a file every pool process shares."""
+    """The host's GPU allocations, in a file every pool process shares.
 
-    def __init__(self, path: Path, topology: HostTopology) -> None:
+    ``policies`` (placement policy by name) choose the GPUs: the request
+    names its policy, so the worker's final choice is made by the same rule
+    the router used to pick the host.
+    """
+
+    def __init__(self, path: Path, topology: HostTopology,
+                 policies: Mapping[str, PlacementPolicy]) -> None:
         self.path = Path(path)
         self.topology = topology
+        self._policies = policies
         self._lock_path = self.path.with_suffix(".lock")
 
     # -- file plumbing -------------------------------------------------------
@@ -123,6 +126,13 @@ class HostGpuLedger:
             self._reap(state)
             return self._busy(state)
 
+    def snapshot(self) -> tuple[dict[int, str], dict[str, Any]]:
+        """Busy GPUs and the worker's info (queue, worker, lease), read
+        together under the lock: what the host's state key must say."""
+        with self.locked() as state:
+            info = {k: v for k, v in state.items() if k != "allocations"}
+            return self._busy(state), info
+
     def reap_dead(self) -> list[str]:
         """Give back GPUs of processes that died; returns their job ids."""
         with self.locked() as state:
@@ -134,23 +144,20 @@ class HostGpuLedger:
         """Best GPUs for the job from the free set now, or None if too few
         are free. Raises UnsatisfiableGpuRequest if this host can never
         satisfy it."""
-        best_placement(self.topology, request.gpus,
-                       **request.placement_kwargs())  # ever possible here?
+        policy = self._policies[request.policy]
+        policy.place(self.topology, request)  # ever possible on this host?
         with self.locked() as state:
             self._reap(state)
             allocations = state.setdefault("allocations", {})
             mine = allocations.get(job_id)
             if mine is not None and mine["pid"] == os.getpid():
-                placement = best_placement(self.topology, request.gpus,
-                                           free=mine["gpus"],
-                                           **request.placement_kwargs())
+                placement = policy.place(self.topology, request,
+                                         free=mine["gpus"])
                 return Allocation(job_id, placement, self.topology)
             busy = self._busy(state)
             free = [i for i in self.topology.indices if i not in busy]
             try:
-                placement = best_placement(self.topology, request.gpus,
-                                           free=free,
-                                           **request.placement_kwargs())
+                placement = policy.place(self.topology, request, free=free)
             except UnsatisfiableGpuRequest:
                 return None
             allocations[job_id] = {"gpus": list(placement.gpus),
@@ -201,23 +208,3 @@ class HostGpuLedger:
                            "again", job, allocations[job]["gpus"])
             del allocations[job]
         return dead
-
-
-def publish_ledger(etcd: EtcdGateway, keys: Keys, ledger: HostGpuLedger) -> None:
-    """Write the host's free/busy state under the worker's inventory lease
-    (any process may attach a key to a lease it knows the id of)."""
-    with ledger.locked() as state:
-        busy = HostGpuLedger._busy(state)
-        set_gpus_busy(ledger.topology.host, len(busy))
-        lease = int(state.get("lease", 0))
-        if not lease:
-            return
-        payload = state_payload(ledger.topology, busy, state)
-        try:
-            etcd.txn(compare=[], success=[op_put(
-                keys.inventory_state(ledger.topology.host),
-                json.dumps(payload), lease)])
-        except Exception as exc:  # noqa: BLE001 - lease gone or etcd down
-            logger.warning("ares: could not publish GPU state of %s under "
-                           "lease %x: %s (the worker's periodic refresh "
-                           "re-publishes it)", ledger.topology.host, lease, exc)

@@ -13,10 +13,7 @@ All figures are GB/s per direction (10**9 bytes per second).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover - import for type hints only
-    from ares_celery.gpu.model import Gpu, Link
+from ares_celery.gpu.devices import Gpu, Link
 
 #: NVLink bandwidth of one link ("lane" in ``nvidia-smi``'s NV# count) per
 #: direction, by NVLink generation.  Gen1 (P100) 20 GB/s; gen2 (V100), gen3

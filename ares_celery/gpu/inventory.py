@@ -1,30 +1,31 @@
 """Publishing each GPU host's inventory to etcd, and reading it back.
 
-A worker publishes two keys per host, both attached to its own lease so that
-a dead host disappears by itself when the lease expires: the topology
-(written once) and the free/busy state (rewritten when GPUs are taken or
-released). Readers keep a cache driven by an etcd watch, so a routing
+A worker publishes two keys per host, both attached to its own session's
+lease so that a dead host disappears by itself when the lease expires: the
+topology (written once) and the free/busy state (rewritten when GPUs are
+taken or released). Both keys are written here and nowhere else
+(:func:`write_state` is what pool processes call after an allocation).
+Readers keep a cache driven by an etcd watch
+(:class:`~ares_celery.coordination.watch.PrefixWatch`), so a routing
 decision costs no etcd round trip in the steady state.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
-
-from ..clients.etcd import EtcdGateway, b64, op_put, prefix_end
+from ..clients.etcd import EtcdGateway, KeyValue, WatchEvent, op_put
+from ..coordination.session import Session
+from ..coordination.watch import PrefixWatch
 from ..errors import ServiceUnavailable
-from ..exactly_once.identity import Keys
-from ..exactly_once.lease import LeaseKeeper
+from ..keys import Keys
+from ..observability.metrics import set_gpus_busy
 from .model import HostTopology
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class InventoryPublisher:
         self.topology = topology
         self.queue = queue
         self.worker = worker
-        self._keeper = LeaseKeeper(etcd, lease_ttl)
+        self._keeper = Session(etcd, lease_ttl)
         self._lock = threading.Lock()
         self._busy: dict[int, str] = {}
         self._busy_source = busy_source
@@ -123,12 +124,34 @@ class InventoryPublisher:
 
 def state_payload(topology: HostTopology, busy: Mapping[int, str],
                   info: Mapping[str, Any]) -> dict[str, Any]:
-    """The inventory state value (what the router reads), written by the
-    worker's publisher and by its pool processes alike."""
+    """The inventory state value (what the router reads)."""
     free = [i for i in topology.indices if i not in busy]
     return {"free": free, "busy": {str(k): v for k, v in sorted(busy.items())},
             "queue": info.get("queue", ""), "worker": info.get("worker", ""),
             "running": len(set(busy.values())), "updated": time.time()}
+
+
+def write_state(etcd: EtcdGateway, keys: Keys, topology: HostTopology,
+                busy: Mapping[int, str], info: Mapping[str, Any],
+                lease: int) -> None:
+    """Write a host's free/busy state under the worker's inventory lease.
+
+    Pool processes call this after taking or giving back GPUs (any process
+    may attach a key to a lease whose id it knows); a failure is only
+    logged, because the worker's periodic refresh re-publishes the state
+    from the ledger.
+    """
+    set_gpus_busy(topology.host, len(busy))
+    if not lease:
+        return
+    payload = state_payload(topology, busy, info)
+    try:
+        etcd.txn(compare=[], success=[op_put(
+            keys.inventory_state(topology.host), json.dumps(payload), lease)])
+    except Exception as exc:  # noqa: BLE001 - lease gone or etcd down
+        logger.warning("ares: could not publish GPU state of %s under "
+                       "lease %x: %s (the worker's periodic refresh "
+                       "re-publishes it)", topology.host, lease, exc)
 
 
 def _parse_host(key: str, prefix: str) -> tuple[str, str] | None:
@@ -140,9 +163,9 @@ def _parse_host(key: str, prefix: str) -> tuple[str, str] | None:
 class InventoryCache:
     """Reader side: every host's inventory, kept current by an etcd watch.
 
-    On start it lists the prefix, then watches from the listed revision, so
-    no update is missed between the two. If the watch stream breaks (etcd
-    restarted, network cut) it lists and watches again, with back-off.
+    The :class:`~ares_celery.coordination.watch.PrefixWatch` lists the
+    prefix, watches from the listed revision and relists when the stream
+    breaks; this class turns its keys into :class:`HostInventory` entries.
     """
 
     def __init__(self, etcd: EtcdGateway, keys: Keys) -> None:
@@ -158,37 +181,32 @@ class InventoryCache:
         self._log: list[str] = []
         self._epoch = 0
         self._guard = threading.Lock()
-        self._synced = threading.Event()
         self._changed = threading.Condition(self._guard)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._response: requests.Response | None = None
-        self.revision = 0
+        self._watch = PrefixWatch(etcd, self._prefix, self._snapshot,
+                                  self._events, name="ares-inventory-watch")
+
+    @property
+    def revision(self) -> int:
+        return self._watch.revision
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self, wait: float | None = 5.0) -> InventoryCache:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name="ares-inventory-watch")
-            self._thread.start()
-        if wait:
-            if not self._synced.wait(wait):
-                raise ServiceUnavailable(
-                    f"GPU inventory not readable from etcd at "
-                    f"{self._etcd.address} within {wait}s")
+        try:
+            self._watch.start(wait)
+        except ServiceUnavailable as exc:
+            raise ServiceUnavailable(
+                f"GPU inventory not readable from etcd at "
+                f"{self._etcd.address} within {wait}s") from exc
         return self
 
     def load_once(self) -> InventoryCache:
         """Read the inventory once, without a watch (CLI, scripts)."""
-        self._list()
+        self._watch.list_once()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        response = self._response
-        if response is not None:
-            _shutdown_stream(response)
+        self._watch.stop()
 
     # -- reads -----------------------------------------------------------------
 
@@ -224,24 +242,26 @@ class InventoryCache:
                 return self._epoch, len(self._log), None
             return epoch, len(self._log), self._log[index:]
 
-    def _rebuild(self, host: str) -> None:
-        self._log.append(host)
-        if len(self._log) > 100_000:
+    # -- what the watch delivers -----------------------------------------------
+
+    def _snapshot(self, kvs: list[KeyValue], revision: int) -> None:
+        with self._changed:
+            self._topologies.clear()
+            self._topology_raw.clear()
+            self._states.clear()
+            self._built.clear()
             self._log.clear()
             self._epoch += 1
-        topo, state = self._topologies.get(host), self._states.get(host)
-        if topo is None or state is None:
-            self._built.pop(host, None)
-            return
-        self._version += 1
-        self._built[host] = HostInventory(
-            host=host, topology=topo, free=frozenset(state.get("free", ())),
-            busy={int(k): v for k, v in state.get("busy", {}).items()},
-            queue=state.get("queue", ""), worker=state.get("worker", ""),
-            running=int(state.get("running", 0)),
-            updated=float(state.get("updated", 0.0)), version=self._version)
+            for kv in kvs:
+                self._apply(kv.key, kv.value)
+            self._changed.notify_all()
 
-    # -- etcd plumbing -------------------------------------------------------
+    def _events(self, events: list[WatchEvent]) -> None:
+        with self._changed:
+            for event in events:
+                self._apply(event.kv.key,
+                            None if event.type == "DELETE" else event.kv.value)
+            self._changed.notify_all()
 
     def _apply(self, key: str, value: bytes | None) -> None:
         parsed = _parse_host(key, self._prefix)
@@ -271,106 +291,19 @@ class InventoryCache:
             except ValueError:
                 logger.warning("ares: bad inventory state for %s", host)
 
-    def _list(self) -> None:
-        kvs, revision = self._etcd.range_prefix_with_revision(self._prefix)
-        with self._changed:
-            self._topologies.clear()
-            self._topology_raw.clear()
-            self._states.clear()
-            self._built.clear()
+    def _rebuild(self, host: str) -> None:
+        self._log.append(host)
+        if len(self._log) > 100_000:
             self._log.clear()
             self._epoch += 1
-            for kv in kvs:
-                self._apply(kv.key, kv.value)
-            self.revision = revision
-            self._changed.notify_all()
-        self._synced.set()
-
-    def _run(self) -> None:
-        pause = 0.1
-        while not self._stop.is_set():
-            try:
-                self._list()
-                self._watch()
-                pause = 0.1
-            except Exception as exc:  # noqa: BLE001 - keep the cache alive
-                if self._stop.is_set():
-                    return
-                logger.info("ares: inventory watch restarting: %s", exc)
-                self._stop.wait(pause)
-                pause = min(pause * 2, 5.0)
-
-    def _watch(self) -> None:
-        """Stream etcd watch events for the prefix until the stream ends."""
-        url, session = self._etcd.watch_endpoint()
-        body = {"create_request": {
-            "key": b64(self._prefix),
-            "range_end": b64(prefix_end(self._prefix)),
-            "start_revision": str(self.revision + 1)}}
-        with session.post(url, json=body, stream=True,
-                          timeout=(self._etcd.timeout, None)) as response:
-            self._response = response
-            for message in _json_messages(response):
-                if self._stop.is_set():
-                    return
-                result = message.get("result", {})
-                if result.get("canceled") or result.get("compact_revision"):
-                    return  # relist: we missed history
-                events = result.get("events") or []
-                if not events:
-                    continue
-                with self._changed:
-                    for event in events:
-                        kv = event.get("kv", {})
-                        key = base64.b64decode(kv.get("key", "")).decode()
-                        if event.get("type") == "DELETE":
-                            self._apply(key, None)
-                        else:
-                            self._apply(key, base64.b64decode(
-                                kv.get("value", "")))
-                        self.revision = max(self.revision,
-                                            int(kv.get("mod_revision", 0)))
-                    self._changed.notify_all()
-        raise ServiceUnavailable("inventory watch stream ended")
-
-
-def _shutdown_stream(response: requests.Response) -> None:
-    """Wake the thread blocked reading the watch stream.
-
-    Closing the response from another thread would wait for that reader's
-    buffer lock forever; shutting the socket down makes its ``recv`` return
-    at once (etcd3gw's watcher does the same).
-    """
-    try:
-        fd = response.raw._fp.fileno()  # noqa: SLF001 - no public handle
-        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except (AttributeError, OSError, ValueError):
-        pass
-
-
-def _json_messages(response: requests.Response) -> Iterator[dict[str, Any]]:
-    """Watch responses as they arrive.
-
-    ``iter_lines()`` buffers up to its chunk size before yielding, which
-    would hold small watch events back until more traffic comes; read
-    chunks as the server flushes them and split complete JSON lines.
-    """
-    buffer = b""
-    for chunk in response.iter_content(chunk_size=None):
-        buffer += chunk
-        while True:
-            line, sep, rest = buffer.partition(b"\n")
-            if not sep:
-                break
-            buffer = rest
-            if line.strip():
-                yield json.loads(line)
-        if buffer.strip():
-            try:
-                message = json.loads(buffer)
-            except ValueError:
-                continue  # an incomplete message: wait for the rest
-            buffer = b""
-            yield message
-
+        topo, state = self._topologies.get(host), self._states.get(host)
+        if topo is None or state is None:
+            self._built.pop(host, None)
+            return
+        self._version += 1
+        self._built[host] = HostInventory(
+            host=host, topology=topo, free=frozenset(state.get("free", ())),
+            busy={int(k): v for k, v in state.get("busy", {}).items()},
+            queue=state.get("queue", ""), worker=state.get("worker", ""),
+            running=int(state.get("running", 0)),
+            updated=float(state.get("updated", 0.0)), version=self._version)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ares_celery.errors import AresError
 from ares_celery.gpu.model import HostTopology, Link
-from ares_celery.gpu.smi_parser import parse_topo_matrix
 
 
 class UnknownMockTopology(AresError, ValueError):
@@ -151,7 +150,7 @@ def _spec(name: str) -> _MockSpec:
 def mock_topology(name: str, host: str | None = None) -> HostTopology:
     """The named mock host (``host`` defaults to ``mock-<name>``)."""
     spec = _spec(name)
-    parsed = parse_topo_matrix(spec.matrix, host=host or f"mock-{name}")
+    parsed = HostTopology.from_nvidia_smi(spec.matrix, host=host or f"mock-{name}")
     gpus = [
         dataclasses.replace(
             g,
@@ -190,4 +189,4 @@ def load_topology(path_or_name: str | Path, host: str | None = None) -> HostTopo
     if text.lstrip().startswith("{"):
         topo = HostTopology.from_json(text)
         return topo.with_host(host) if host else topo
-    return parse_topo_matrix(text, host=host or path.stem)
+    return HostTopology.from_nvidia_smi(text, host=host or path.stem)

@@ -12,125 +12,28 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
 
 from ares_celery.errors import GpuRequestError, TopologyParseError
 from ares_celery.gpu.bandwidth import link_gbps
+from ares_celery.gpu.devices import LINK_KINDS, PCIE_LEVELS, Gpu, Link
+from ares_celery.gpu.smi_parser import read_topo_matrix
 
-#: PCIe path levels from nearest to farthest, as ``nvidia-smi topo -m`` names them.
-PCIE_LEVELS: tuple[str, ...] = ("PIX", "PXB", "PHB", "NODE", "SYS")
-
-#: NVML ``nvmlGpuTopologyLevel_t`` value of each path level.
-PCIE_LEVEL_TO_NVML: dict[str, int] = {"PIX": 10, "PXB": 20, "PHB": 30, "NODE": 40, "SYS": 50}
-
-#: NVML level -> path level.  INTERNAL (0, two GPUs on one board) is as close
-#: as a shared switch, so it maps to PIX.
-NVML_TO_PCIE_LEVEL: dict[int, str] = {
-    0: "PIX",
-    10: "PIX",
-    20: "PXB",
-    30: "PHB",
-    40: "NODE",
-    50: "SYS",
-}
-
-LINK_KINDS = ("nvlink", "pcie")
+# Gpu, Link and the level names live in devices.py (below the bandwidth model and
+# the parser); they are re-exported here, where callers have always found them.
+__all__ = [
+    "JSON_FORMAT",
+    "LINK_KINDS",
+    "PCIE_LEVELS",
+    "Gpu",
+    "HostTopology",
+    "Link",
+    "parse_topo_matrix",
+]
 
 JSON_FORMAT = "ares-gpu-topology/1"
-
-
-@dataclass(frozen=True)
-class Gpu:
-    """One GPU as the scheduler needs to know it; ``None`` means unknown.
-
-    Memory is in MiB, as NVML and ``nvidia-smi`` report it; ``utilization`` is
-    a percentage; ``mig_mode`` is True when MIG is enabled (whole-GPU jobs
-    cannot use such a GPU).
-    """
-
-    index: int
-    uuid: str | None = None
-    name: str | None = None
-    memory_total_mb: int | None = None
-    memory_free_mb: int | None = None
-    utilization: int | None = None
-    numa_node: int | None = None
-    mig_mode: bool | None = None
-    pcie_gen: int | None = None
-    pcie_width: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0:
-            raise GpuRequestError(f"GPU index must be a non-negative int, got {self.index!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (every field, unknowns as null)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Gpu:
-        """Inverse of :meth:`to_dict`; unknown keys are rejected to catch typos."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = set(data) - names
-        if extra:
-            raise TopologyParseError(f"unknown GPU fields {sorted(extra)}")
-        return cls(**dict(data))
-
-
-@dataclass(frozen=True)
-class Link:
-    """How two GPUs talk: bonded NVLinks, or a PCIe path of some level.
-
-    ``kind`` is ``"nvlink"`` or ``"pcie"``.  An NVLink link has
-    ``nvlink_lanes`` (the N of ``NV<N>``; None for ``NVB``, NVLink forwarded
-    through another GPU, then ``via_gpu`` is True), ``nvlink_gen`` when known,
-    and ``nvswitch`` True when the lanes go through an NVSwitch fabric.
-    ``pcie_level`` (PIX/PXB/PHB/NODE/SYS) is the PCIe path, where known, for
-    either kind.
-    """
-
-    kind: str
-    nvlink_lanes: int | None = None
-    nvlink_gen: int | None = None
-    pcie_level: str | None = None
-    nvswitch: bool = False
-    via_gpu: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in LINK_KINDS:
-            raise TopologyParseError(f"link kind must be one of {LINK_KINDS}, got {self.kind!r}")
-        if self.pcie_level is not None and self.pcie_level not in PCIE_LEVELS:
-            raise TopologyParseError(
-                f"PCIe level must be one of {PCIE_LEVELS}, got {self.pcie_level!r}"
-            )
-        if self.kind == "pcie" and (self.nvlink_lanes or self.nvswitch or self.via_gpu):
-            raise TopologyParseError("a pcie link cannot carry NVLink lanes")
-
-    @property
-    def is_nvlink(self) -> bool:
-        """True when traffic between the pair goes over NVLink (NVSwitch included)."""
-        return self.kind == "nvlink"
-
-    @property
-    def nvml_level(self) -> int | None:
-        """The NVML topology level of the PCIe path, or None if unknown."""
-        return PCIE_LEVEL_TO_NVML.get(self.pcie_level) if self.pcie_level else None
-
-    def label(self) -> str:
-        """Short ``nvidia-smi``-style name: ``NV2``, ``NV12/NVSwitch``, ``NVB``, ``PIX``."""
-        if self.kind == "nvlink":
-            if self.via_gpu:
-                return "NVB"
-            text = f"NV{self.nvlink_lanes}"
-            return text + "/NVSwitch" if self.nvswitch else text
-        return self.pcie_level or "PCIe?"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return dataclasses.asdict(self)
 
 
 def _pair(i: int, j: int) -> tuple[int, int]:
@@ -224,14 +127,18 @@ class HostTopology:
     def graph(self) -> nx.Graph:
         """A fresh networkx graph: GPUs as nodes (Gpu fields as attributes),
         one edge per pair with ``bandwidth`` (GB/s), ``label`` and the Link
-        fields.  Built on each access so callers may mutate it freely."""
+        fields.  Built on each access so callers may mutate it freely.
+
+        This is what placement reads (the ring-bandwidth policy compiles its
+        bandwidth matrix from it), so a policy sees the host exactly as any
+        other graph consumer does.
+        """
         g = nx.Graph(host=self._host)
-        for gpu in self._gpus:
-            g.add_node(gpu.index, **gpu.to_dict())
-        for (i, j), link in self._links.items():
-            g.add_edge(
-                i, j, bandwidth=self._bandwidth[(i, j)], label=link.label(), **link.to_dict()
-            )
+        g.add_nodes_from((gpu.index, gpu.to_dict()) for gpu in self._gpus)
+        g.add_edges_from(
+            (i, j, {"bandwidth": self._bandwidth[(i, j)], "label": link.label(), **link.to_dict()})
+            for (i, j), link in self._links.items()
+        )
         return g
 
     def replace_gpu(self, index: int, **changes: Any) -> HostTopology:
@@ -311,9 +218,8 @@ class HostTopology:
     @classmethod
     def from_nvidia_smi(cls, text: str, host: str = "localhost") -> HostTopology:
         """Read ``nvidia-smi topo -m`` output (see :mod:`ares_celery.gpu.smi_parser`)."""
-        from ares_celery.gpu.smi_parser import parse_topo_matrix
-
-        return parse_topo_matrix(text, host=host)
+        gpus, links = read_topo_matrix(text)
+        return cls(host, gpus, links)
 
     # -- comparison ------------------------------------------------------------------
 
@@ -330,3 +236,14 @@ class HostTopology:
             f"HostTopology(host={self._host!r}, gpus={len(self._gpus)}, "
             f"fingerprint={self.fingerprint()!r})"
         )
+
+
+def parse_topo_matrix(text: str, host: str = "localhost") -> HostTopology:
+    """Parse ``nvidia-smi topo -m`` output into a topology for ``host``.
+
+    The function form of :meth:`HostTopology.from_nvidia_smi`; it lives here,
+    not in the parser, because the parser sits below the model and must not
+    know it (see :func:`~ares_celery.gpu.smi_parser.read_topo_matrix` for what
+    is accepted and inferred).
+    """
+    return HostTopology.from_nvidia_smi(text, host=host)

@@ -18,9 +18,21 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from ares_celery.errors import NvmlUnavailable
-from ares_celery.gpu.model import NVML_TO_PCIE_LEVEL, Gpu, HostTopology, Link
+from ares_celery.gpu.devices import Gpu, Link
+from ares_celery.gpu.model import HostTopology
 
 T = TypeVar("T")
+
+#: NVML ``nvmlGpuTopologyLevel_t`` -> path level.  INTERNAL (0, two GPUs on one
+#: board) is as close as a shared switch, so it maps to PIX.
+NVML_TO_PCIE_LEVEL: dict[int, str] = {
+    0: "PIX",
+    10: "PIX",
+    20: "PXB",
+    30: "PHB",
+    40: "NODE",
+    50: "SYS",
+}
 
 #: ``nvmlDeviceGetNvLinkVersion`` value -> NVLink generation (1.0 .. 6.0).
 NVML_NVLINK_VERSION_TO_GEN: dict[int, int] = {1: 1, 2: 2, 3: 2, 4: 3, 5: 3, 6: 4, 7: 5, 8: 6}

@@ -1,406 +1,66 @@
-"""Choose which free GPUs of a host a k-GPU job gets.
+"""What a placement is, and the seam every placement policy plugs into.
 
-Why bandwidth and not points: the Ares seed added +50 per NVLink pair, -30
-per PCIe pair and +10 for consecutive indices, which prefers a set with many
-fast pairs even when its collective is held back by one slow hop.  An
-all-reduce over a ring runs at the speed of the ring's slowest edge, so a set
-is scored by the **bottleneck bandwidth of the best Hamiltonian ring** through
-it (GB/s per direction; two GPUs: their link; one GPU: ``inf``, it needs no
-interconnect).
-
-Sets that score the same (to 1e-6 GB/s) are told apart, in order, by
-
-1. the free GPUs left over: the best ring of the next power-of-two job
-   (largest power of two <= GPUs left) that still fits among them, higher
-   first, so a 2-GPU job does not split the only fast quad a 4-GPU job needs;
-2. how many NUMA nodes the set spans, fewer first;
-3. the lowest GPU indices (lexicographic), so the answer is deterministic.
-
-The search is exact.  Per topology (keyed by :meth:`HostTopology.fingerprint`)
-ring scores of GPU subsets are memoized, whole answers are memoized on
-(fingerprint, free mask, k, link requirement), branch and bound stops a ring
-search as soon as it reaches the upper bound, and a free set whose pairs all
-have the same bandwidth (NVSwitch hosts) is answered without any search.
+go-gpuallocator's shape: one ``Policy`` interface, one file per policy under
+:mod:`ares_celery.gpu.policies`.  This module holds only what every policy
+shares (the answer type, the two protocols, and the checks of the free set
+and of which GPUs may be used at all) so that a policy depends on it and it
+depends on no policy, and so that a new policy cannot drift from the others
+on what "free" or "usable" means.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import combinations
-from typing import Any
+from typing import Any, Protocol
 
 from ares_celery.errors import GpuRequestError, UnsatisfiableGpuRequest
 from ares_celery.gpu.model import HostTopology
 
-#: Score of a set with no usable ring (only possible with ``interconnect="nvlink"``).
-NO_RING = -1.0
 
-#: Subsets enumerated outright below this count; above it a threshold search runs.
-ENUMERATION_LIMIT = 5000
+class PlacementRequest(Protocol):
+    """What a policy reads of a request; :class:`~ares_celery.gpu.request.GpuRequest`
+    is the one implementation, and it has already validated every field.
 
-#: On the threshold path, ties are broken among at most this many optimal sets.
-TIE_CANDIDATE_LIMIT = 64
+    Declared here (not imported from ``request.py``) so policies need not know
+    the request module, which itself looks policies up by name.
+    """
 
-#: Accepted ``interconnect`` values; all but "nvlink" put no demand on links.
-INTERCONNECTS: tuple[str | None, ...] = (None, "any", "pcie", "nvlink")
+    @property
+    def gpus(self) -> int:
+        """How many GPUs, >= 1."""
+        ...
 
-_COMPILED_MAX = 128
-_BEST_CACHE_MAX = 200_000
+    @property
+    def min_memory_gb(self) -> float | None:
+        """Floor on each GPU's total memory in decimal GB, or None."""
+        ...
 
-
-def _quantize(value: float) -> float:
-    """Scores equal to 1e-6 GB/s are ties."""
-    return value if math.isinf(value) else round(value, 6)
-
-
-def _bits(mask: int) -> tuple[int, ...]:
-    out = []
-    pos = 0
-    while mask:
-        if mask & 1:
-            out.append(pos)
-        mask >>= 1
-        pos += 1
-    return tuple(out)
+    @property
+    def interconnect(self) -> str | None:
+        """None, ``"any"``, ``"pcie"`` or ``"nvlink"`` (lower case)."""
+        ...
 
 
-def _mask(positions: Iterable[int]) -> int:
-    mask = 0
-    for p in positions:
-        mask |= 1 << p
-    return mask
+class PlacementPolicy(Protocol):
+    """Chooses which free GPUs of one host a request gets (go-gpuallocator's ``Policy``)."""
 
+    #: The name a request selects the policy by (``GpuRequest(policy=...)``).
+    name: str
 
-class _Compiled:
-    """A topology reduced to a bandwidth matrix over positions 0..n-1, with caches."""
+    def place(
+        self,
+        topology: HostTopology,
+        request: PlacementRequest,
+        free: Iterable[int] | None = None,
+    ) -> Placement:
+        """The best GPUs of ``topology`` among ``free`` (None = all GPUs).
 
-    def __init__(self, topo: HostTopology, nvlink_only: bool):
-        self.key = (topo.fingerprint(), nvlink_only)
-        self.indices = topo.indices
-        n = len(self.indices)
-        self.bw = [[0.0] * n for _ in range(n)]
-        for a in range(n):
-            for b in range(a + 1, n):
-                i, j = self.indices[a], self.indices[b]
-                value = topo.bandwidth(i, j)
-                if nvlink_only and not topo.link(i, j).is_nvlink:
-                    value = 0.0
-                self.bw[a][b] = self.bw[b][a] = value
-        self.numa = tuple(g.numa_node for g in topo.gpus)
-        self._ring: dict[int, tuple[float, tuple[int, ...]]] = {}
-        self._best: dict[tuple[int, int], float] = {}
-        self._symmetric: dict[int, float | None] = {}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Compiled) and other.key == self.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
-    # -- one set -----------------------------------------------------------------
-
-    def ring(self, mask: int) -> tuple[float, tuple[int, ...]]:
-        """(bottleneck GB/s of the best ring through ``mask``, ring order)."""
-        hit = self._ring.get(mask)
-        if hit is not None:
-            return hit
-        vs = _bits(mask)
-        if len(vs) == 1:
-            result: tuple[float, tuple[int, ...]] = (math.inf, vs)
-        elif len(vs) == 2:
-            b = self.bw[vs[0]][vs[1]]
-            result = (b, vs) if b > 0 else (NO_RING, ())
-        else:
-            result = self._best_ring(vs)
-        self._ring[mask] = result
-        return result
-
-    def _best_ring(self, vs: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
-        bw = self.bw
-        # A ring uses two edges at every vertex, so no ring beats the smallest
-        # "second-best edge" over the vertices: stop as soon as one reaches it.
-        upper = math.inf
-        for v in vs:
-            edges = sorted((bw[v][u] for u in vs if u != v), reverse=True)
-            upper = min(upper, edges[1])
-        if upper <= 0:
-            return (NO_RING, ())
-        nbrs = {
-            v: sorted((u for u in vs if u != v and bw[v][u] > 0), key=lambda u: -bw[v][u])
-            for v in vs
-        }
-        start, k = vs[0], len(vs)
-        best = [0.0, ()]
-        path = [start]
-
-        def extend(v: int, visited: int, low: float) -> bool:
-            if low <= best[0]:
-                return False
-            if len(path) == k:
-                closing = bw[v][start]
-                value = min(low, closing)
-                if closing > 0 and value > best[0]:
-                    best[0], best[1] = value, tuple(path)
-                return best[0] >= upper
-            for u in nbrs[v]:
-                edge = bw[v][u]
-                if edge <= best[0]:
-                    break
-                if visited >> u & 1:
-                    continue
-                path.append(u)
-                done = extend(u, visited | (1 << u), min(low, edge))
-                path.pop()
-                if done:
-                    return True
-            return False
-
-        extend(start, 1 << start, math.inf)
-        if best[0] <= 0:
-            return (NO_RING, ())
-        return (best[0], best[1])
-
-    def symmetric(self, mask: int) -> float | None:
-        """The common bandwidth if every pair in ``mask`` has the same one (> 0)."""
-        if mask in self._symmetric:
-            return self._symmetric[mask]
-        vs = _bits(mask)
-        values = {self.bw[a][b] for a, b in combinations(vs, 2)}
-        result = values.pop() if len(values) == 1 else None
-        if result is not None and result <= 0:
-            result = None
-        self._symmetric[mask] = result
-        return result
-
-    # -- best over subsets -----------------------------------------------------------
-
-    def best_value(self, mask: int, k: int) -> float:
-        """Best ring score of any ``k``-subset of ``mask`` (NO_RING if none)."""
-        key = (mask, k)
-        hit = self._best.get(key)
-        if hit is not None:
-            return hit
-        positions = _bits(mask)
-        if len(positions) < k:
-            value = NO_RING
-        elif k == 1:
-            value = math.inf
-        elif (sym := self.symmetric(mask)) is not None:
-            value = sym
-        elif math.comb(len(positions), k) <= ENUMERATION_LIMIT:
-            ceiling = max(self.bw[a][b] for a, b in combinations(positions, 2))
-            value = NO_RING
-            for subset in combinations(positions, k):
-                value = max(value, self.ring(_mask(subset))[0])
-                if value >= ceiling:
-                    break
-        else:
-            value = NO_RING
-            for t in self._thresholds(positions):
-                if next(self._sets_at(positions, k, t), None) is not None:
-                    value = t
-                    break
-        if len(self._best) >= _BEST_CACHE_MAX:  # bounded: a long-lived worker sees many masks
-            self._best.clear()
-        self._best[key] = value
-        return value
-
-    def candidates(self, mask: int, k: int, value: float) -> list[int]:
-        """Masks of the ``k``-subsets of ``mask`` whose ring score is ``value``."""
-        positions = _bits(mask)
-        if k == 1:
-            return [1 << p for p in positions]
-        if math.comb(len(positions), k) <= ENUMERATION_LIMIT:
-            target = _quantize(value)
-            return [
-                m
-                for m in (_mask(s) for s in combinations(positions, k))
-                if _quantize(self.ring(m)[0]) == target
-            ]
-        found = []
-        for m in self._sets_at(positions, k, value):
-            found.append(m)
-            if len(found) >= TIE_CANDIDATE_LIMIT:
-                break
-        return found
-
-    def _thresholds(self, positions: tuple[int, ...]) -> list[float]:
-        return sorted(
-            {self.bw[a][b] for a, b in combinations(positions, 2) if self.bw[a][b] > 0},
-            reverse=True,
-        )
-
-    def _sets_at(self, positions: tuple[int, ...], k: int, t: float) -> Iterator[int]:
-        """``k``-subsets whose ring uses only edges >= t, lowest indices first.
-
-        Vertices with fewer than two such edges cannot be on a ring and are
-        peeled off first; a component that is a clique at ``t`` yields all its
-        subsets with no ring search at all (PCIe switch groups, NVSwitch).
+        Raises GpuRequestError for a malformed topology or free set and
+        UnsatisfiableGpuRequest, saying why, when no set qualifies.
         """
-        need = 2 if k >= 3 else 1
-        adj = {v: {u for u in positions if u != v and self.bw[v][u] >= t} for v in positions}
-        alive = set(positions)
-        changed = True
-        while changed:
-            changed = False
-            for v in list(alive):
-                if len(adj[v] & alive) < need:
-                    alive.discard(v)
-                    changed = True
-        seen: set[int] = set()
-        for root in sorted(alive):
-            if root in seen:
-                continue
-            comp, stack = set(), [root]
-            while stack:
-                v = stack.pop()
-                if v in comp:
-                    continue
-                comp.add(v)
-                stack.extend(adj[v] & alive - comp)
-            seen |= comp
-            if len(comp) < k:
-                continue
-            ordered = sorted(comp)
-            clique = all(adj[v] >= comp - {v} for v in ordered)
-            for subset in combinations(ordered, k):
-                m = _mask(subset)
-                if clique or self.ring(m)[0] >= t:
-                    yield m
-
-
-_COMPILED: OrderedDict[tuple[str, bool], _Compiled] = OrderedDict()
-
-
-def _compile(topo: HostTopology, nvlink_only: bool) -> _Compiled:
-    key = (topo.fingerprint(), nvlink_only)
-    comp = _COMPILED.get(key)
-    if comp is None:
-        comp = _Compiled(topo, nvlink_only)
-        _COMPILED[key] = comp
-        while len(_COMPILED) > _COMPILED_MAX:
-            _COMPILED.popitem(last=False)
-    else:
-        _COMPILED.move_to_end(key)
-    return comp
-
-
-def clear_placement_cache() -> None:
-    """Forget memoized topologies and answers (benchmarks measure cold calls)."""
-    _COMPILED.clear()
-    _solve.cache_clear()
-
-
-@dataclass(frozen=True)
-class _Choice:
-    positions: tuple[int, ...]
-    score: float
-    ring: tuple[int, ...]
-    leftover: float | None
-    leftover_k: int
-    numa_nodes: int
-    tied: int
-
-
-def _leftover_job_size(remaining: int) -> int:
-    """Largest power of two <= remaining GPUs, or 0 when fewer than two remain."""
-    if remaining < 2:
-        return 0
-    return 1 << (remaining.bit_length() - 1)
-
-
-def _numa_count(numa: tuple[int | None, ...], positions: Iterable[int]) -> int:
-    return len({numa[p] for p in positions})
-
-
-def _lexmin_fewest_numa(
-    positions: tuple[int, ...], numa: tuple[int | None, ...], k: int
-) -> tuple[int, ...]:
-    """Lowest-index ``k``-subset among those spanning the fewest NUMA nodes."""
-    sizes = sorted(
-        (sum(1 for p in positions if numa[p] == n) for n in {numa[p] for p in positions}),
-        reverse=True,
-    )
-    fewest, total = 0, 0
-    while total < k:
-        total += sizes[fewest]
-        fewest += 1
-
-    def completable(chosen: list[int]) -> bool:
-        used = {numa[p] for p in chosen}
-        if len(used) > fewest:
-            return False
-        after = [p for p in positions if p > chosen[-1]]
-        needed = k - len(chosen) - sum(1 for p in after if numa[p] in used)
-        if needed <= 0:
-            return True
-        others: dict[int | None, int] = {}
-        for p in after:
-            if numa[p] not in used:
-                others[numa[p]] = others.get(numa[p], 0) + 1
-        best = sorted(others.values(), reverse=True)[: fewest - len(used)]
-        return sum(best) >= needed
-
-    chosen: list[int] = []
-    for p in positions:
-        if len(chosen) == k:
-            break
-        if completable(chosen + [p]):
-            chosen.append(p)
-    return tuple(chosen)
-
-
-@functools.lru_cache(maxsize=16384)
-def _solve(comp: _Compiled, whole: _Compiled, eligible: int, free: int, k: int) -> _Choice | None:
-    """Exact best set; ``comp`` scores (may be NVLink-only), ``whole`` judges leftovers."""
-    value = comp.best_value(eligible, k)
-    if value == NO_RING:
-        return None
-    positions = _bits(eligible)
-    remaining = len(_bits(free)) - k
-    m = _leftover_job_size(remaining)
-
-    if k >= 2 and comp.symmetric(eligible) is not None and whole.symmetric(free) is not None:
-        chosen = _lexmin_fewest_numa(positions, comp.numa, k)
-        chosen_mask = _mask(chosen)
-        leftover = whole.best_value(free & ~chosen_mask, m) if m else None
-        return _Choice(
-            chosen,
-            value,
-            comp.ring(chosen_mask)[1],
-            leftover,
-            m,
-            _numa_count(comp.numa, chosen),
-            math.comb(len(positions), k),
-        )
-
-    best_key: tuple[Any, ...] | None = None
-    best_mask, best_left = 0, None
-    cands = comp.candidates(eligible, k, value)
-    for cand in cands:
-        left = whole.best_value(free & ~cand, m) if m else None
-        members = _bits(cand)
-        key = (
-            -_quantize(left) if left is not None else 0.0,
-            _numa_count(comp.numa, members),
-            members,
-        )
-        if best_key is None or key < best_key:
-            best_key, best_mask, best_left = key, cand, left
-    members = _bits(best_mask)
-    return _Choice(
-        members,
-        value,
-        comp.ring(best_mask)[1],
-        best_left,
-        m,
-        _numa_count(comp.numa, members),
-        len(cands),
-    )
+        ...
 
 
 @dataclass(frozen=True)
@@ -431,42 +91,29 @@ class Placement:
         }
 
 
-def _validate(
-    topo: HostTopology,
-    k: int,
-    free: Iterable[int] | None,
-    min_memory_gb: float | None,
-    interconnect: str | None,
-) -> tuple[set[int], bool]:
-    if not isinstance(topo, HostTopology):
-        raise GpuRequestError(f"expected a HostTopology, got {type(topo).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise GpuRequestError(f"GPU count must be an int >= 1, got {k!r}")
-    if min_memory_gb is not None and (
-        isinstance(min_memory_gb, bool)
-        or not isinstance(min_memory_gb, (int, float))
-        or not min_memory_gb >= 0
-    ):
-        raise GpuRequestError(f"min_memory_gb must be a number >= 0 or None, got {min_memory_gb!r}")
-    link = interconnect.lower() if isinstance(interconnect, str) else interconnect
-    if link not in INTERCONNECTS:
-        raise GpuRequestError(f"interconnect must be one of {INTERCONNECTS}, got {interconnect!r}")
+def free_gpus(topology: HostTopology, free: Iterable[int] | None) -> set[int]:
+    """The free set as GPU indices of ``topology``; GpuRequestError if it names others.
+
+    Shared by every policy so that a stale or mistyped free list fails the
+    same way whichever policy a request chose.
+    """
+    if not isinstance(topology, HostTopology):
+        raise GpuRequestError(f"expected a HostTopology, got {type(topology).__name__}")
     if free is None:
-        free_set = set(topo.indices)
-    else:
-        if isinstance(free, (str, bytes)):
-            raise GpuRequestError(f"free must be an iterable of GPU indices, got {free!r}")
-        free_set = set(free)
-        unknown = sorted(map(repr, free_set - set(topo.indices)))
-        if unknown:
-            raise GpuRequestError(
-                f"free lists GPUs {', '.join(unknown)} that host {topo.host} does not have "
-                f"(GPUs: {list(topo.indices)})"
-            )
-    return free_set, link == "nvlink"
+        return set(topology.indices)
+    if isinstance(free, (str, bytes)):
+        raise GpuRequestError(f"free must be an iterable of GPU indices, got {free!r}")
+    free_set = set(free)
+    unknown = sorted(map(repr, free_set - set(topology.indices)))
+    if unknown:
+        raise GpuRequestError(
+            f"free lists GPUs {', '.join(unknown)} that host {topology.host} does not have "
+            f"(GPUs: {list(topology.indices)})"
+        )
+    return free_set
 
 
-def _memory_ok(memory_total_mb: int | None, min_memory_gb: float | None) -> bool:
+def memory_ok(memory_total_mb: int | None, min_memory_gb: float | None) -> bool:
     """Memory in MiB against a decimal-GB floor, as GPU model names count it
     (an "80GB" H100 reports 81559 MiB = 85.5 GB, so 80 passes)."""
     if min_memory_gb is None:
@@ -476,45 +123,35 @@ def _memory_ok(memory_total_mb: int | None, min_memory_gb: float | None) -> bool
     return memory_total_mb * 1024 * 1024 >= min_memory_gb * 1e9
 
 
-def best_placement(
-    topo: HostTopology,
-    k: int,
-    free: Iterable[int] | None = None,
-    min_memory_gb: float | None = None,
-    interconnect: str | None = None,
-) -> Placement:
-    """Best ``k`` GPUs of ``topo`` among ``free`` (None = all GPUs).
+def usable_gpus(topology: HostTopology, request: PlacementRequest, free_set: set[int]) -> list[int]:
+    """Free GPUs any policy may hand out, sorted; UnsatisfiableGpuRequest if too few.
 
-    ``min_memory_gb`` compares each GPU's *total* memory (the scheduler hands
-    out whole GPUs; free memory is a transient reading) in decimal GB; a GPU of
-    unknown memory does not qualify.  GPUs with MIG enabled are never chosen.
-    ``interconnect="nvlink"`` demands that every ring edge be NVLink (direct
-    or through NVSwitch); None, "any" and "pcie" make no demand.
-
-    Raises GpuRequestError for malformed arguments and UnsatisfiableGpuRequest,
-    saying why, when no set qualifies.
+    ``min_memory_gb`` compares each GPU's *total* memory (whole GPUs are
+    handed out; free memory is a transient reading), and a GPU of unknown
+    memory does not qualify; GPUs with MIG enabled are never usable.  The
+    error names every reason a GPU was left out, since "not enough GPUs" alone
+    sends an operator to the wrong machine.
     """
-    free_set, nvlink_only = _validate(topo, k, free, min_memory_gb, interconnect)
-    host, total = topo.host, len(topo)
+    k, host, total = request.gpus, topology.host, len(topology)
     if k > total:
         raise UnsatisfiableGpuRequest(f"host {host} has {total} GPUs; need {k}")
     if len(free_set) < k:
         raise UnsatisfiableGpuRequest(
             f"host {host} has {total} GPUs, {len(free_set)} free; need {k}"
         )
-
-    mig = [i for i in sorted(free_set) if topo.gpu(i).mig_mode is True]
+    mig = [i for i in sorted(free_set) if topology.gpu(i).mig_mode is True]
     small = [
         i
         for i in sorted(free_set)
-        if i not in mig and not _memory_ok(topo.gpu(i).memory_total_mb, min_memory_gb)
+        if i not in mig and not memory_ok(topology.gpu(i).memory_total_mb, request.min_memory_gb)
     ]
     eligible = sorted(free_set - set(mig) - set(small))
     if len(eligible) < k:
         excluded = []
         if small:
             excluded.append(
-                f"GPUs {small} have less than {min_memory_gb:g} GB total memory (or unknown)"
+                f"GPUs {small} have less than {request.min_memory_gb:g} GB total memory "
+                f"(or unknown)"
             )
         if mig:
             excluded.append(f"GPUs {mig} are in MIG mode")
@@ -522,53 +159,4 @@ def best_placement(
             f"host {host} has {total} GPUs, {len(free_set)} free, {len(eligible)} usable; need {k} "
             f"({'; '.join(excluded)})"
         )
-
-    position = {index: pos for pos, index in enumerate(topo.indices)}
-    comp = _compile(topo, nvlink_only)
-    whole = _compile(topo, False) if nvlink_only else comp
-    choice = _solve(
-        comp, whole, _mask(position[i] for i in eligible), _mask(position[i] for i in free_set), k
-    )
-    if choice is None:
-        raise UnsatisfiableGpuRequest(
-            f"no {k} GPUs among the usable free GPUs {eligible} of host {host} form an NVLink ring "
-            f"(interconnect='nvlink' needs every ring edge to be NVLink or NVSwitch)"
-        )
-    indices = topo.indices
-    gpus = tuple(indices[p] for p in choice.positions)
-    ring = tuple(indices[p] for p in choice.ring)
-    return Placement(
-        host, gpus, choice.score, ring, _explain(topo, choice, gpus, ring), choice.leftover
-    )
-
-
-def _explain(
-    topo: HostTopology, choice: _Choice, gpus: tuple[int, ...], ring: tuple[int, ...]
-) -> str:
-    names = ",".join(map(str, gpus))
-    if len(gpus) == 1:
-        head = f"GPU {names} on host {topo.host}: one GPU needs no interconnect (score inf)"
-    else:
-        edges = (
-            list(zip(ring, ring[1:] + ring[:1], strict=True)) if len(ring) > 2 else [tuple(ring)]
-        )
-        slow = min(edges, key=lambda e: topo.bandwidth(*e))
-        path = "-".join(map(str, ring + ring[:1])) if len(ring) > 2 else f"{ring[0]}-{ring[1]}"
-        head = (
-            f"GPUs {names} on host {topo.host}: best ring {path} has bottleneck "
-            f"{choice.score:g} GB/s per direction (slowest edge {slow[0]}-{slow[1]} "
-            f"{topo.link(*slow).label()})"
-        )
-    if choice.tied <= 1:
-        return head + "; no other set scores as high"
-    parts = []
-    if choice.leftover_k:
-        left = (
-            "no ring"
-            if choice.leftover is None or choice.leftover == NO_RING
-            else f"{choice.leftover:g} GB/s"
-        )
-        parts.append(f"leaves the free GPUs a best {choice.leftover_k}-GPU ring of {left}")
-    parts.append(f"spans {choice.numa_nodes} NUMA node(s)")
-    parts.append("lowest indices")
-    return head + f"; {choice.tied} sets tie on score, this one " + ", then ".join(parts)
+    return eligible

@@ -1,4 +1,4 @@
-"""Read ``nvidia-smi topo -m`` text into a :class:`HostTopology`.
+"""Read ``nvidia-smi topo -m`` text into GPUs and the links between them.
 
 Why a parser when NVML exists: operators paste this matrix into bug reports
 and runbooks, mock hosts are written in it, and a host whose NVML bindings
@@ -10,6 +10,10 @@ columns and rows (``NIC0`` or ``mlx5_0`` style), the ``CPU Affinity``, ``NUMA
 Affinity`` and ``GPU NUMA ID`` columns; tabs or spaces; a shell prompt before
 the matrix and legend text after it.  Anything else raises
 :class:`~ares_celery.errors.TopologyParseError` naming the line.
+
+The reader returns plain GPUs and links, not a
+:class:`~ares_celery.gpu.model.HostTopology`: the model is built *from* this
+module (``HostTopology.from_nvidia_smi``), so this module may not know it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import re
 
 from ares_celery.errors import TopologyParseError
-from ares_celery.gpu.model import Gpu, HostTopology, Link
+from ares_celery.gpu.devices import Gpu, Link
 
 #: Header columns after the device columns, in the order nvidia-smi prints them.
 EXTRA_COLUMNS: tuple[str, ...] = ("CPU Affinity", "NUMA Affinity", "GPU NUMA ID")
@@ -79,8 +83,8 @@ def _parse_numa(value: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def parse_topo_matrix(text: str, host: str = "localhost") -> HostTopology:
-    """Parse ``nvidia-smi topo -m`` output into a topology for ``host``.
+def read_topo_matrix(text: str) -> tuple[list[Gpu], dict[tuple[int, int], Link]]:
+    """The GPUs and the link of every GPU pair in ``nvidia-smi topo -m`` output.
 
     NUMA nodes come from the ``NUMA Affinity`` column; old drivers print only
     ``CPU Affinity``, and then GPUs with the same CPU set are numbered as one
@@ -166,7 +170,7 @@ def parse_topo_matrix(text: str, host: str = "localhost") -> HostTopology:
         if "NUMA Affinity" not in extra and extra.get("CPU Affinity") not in (None, "N/A"):
             numa = affinity_nodes.setdefault(extra["CPU Affinity"], len(affinity_nodes))
         gpus.append(Gpu(index=int(label[3:]), numa_node=numa))
-    return HostTopology(host, gpus, links)
+    return gpus, links
 
 
 def _cell_link(cell: str) -> Link:

@@ -6,45 +6,55 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
-from ..errors import AresError, NoGpuHosts, UnsatisfiableGpuRequest
+from .. import headers as wire
+from ..errors import AresError, UnsatisfiableGpuRequest
 from ..exactly_once.context import JobContext
-from ..exactly_once.execution import header
+from ..exactly_once.submission import Route
 from ..exactly_once.task import ExactlyOnceTask
+from ..headers import header
 from ..observability import events
 from ..observability.metrics import observe_gpu_allocation
-from ..routing import ROUTE_HEADER
 from .allocation import GpusBusy
+from .host import HostSlot
 from .request import GpuRequest
+from .routing import GpuRouter
 
 logger = logging.getLogger(__name__)
 
-REROUTES_HEADER = "ares_reroutes"
+#: Old name of the header (now :data:`ares_celery.headers.REROUTES`).
+REROUTES_HEADER = wire.REROUTES
 _UNSET = object()
 
 
 class GpuTask(ExactlyOnceTask):
-    """``gpu_request`` is set per task by ``@ares.gpu_task``."""
+    """``gpu_request`` is set per task by ``@ares.gpu_task``; the routers
+    and the host slot by ``Ares`` when it builds the base class."""
 
     gpu_request: ClassVar[GpuRequest]
+    #: Client side: watch-driven inventory, decides at submission.
+    _router: ClassVar[GpuRouter]
+    #: Worker side: reads the inventory per decision (re-routing is rare).
+    _worker_router: ClassVar[GpuRouter]
+    _gpu_slot: ClassVar[HostSlot]
 
-    def apply_async(self, args: Any = None, kwargs: Any = None,
-                    task_id: str | None = None, *, request_id: Any = None,
-                    **options: Any):
-        headers = dict(options.pop("headers", None) or {})
-        if not options.get("queue") and ROUTE_HEADER not in headers:
-            decision = self._ares.router.decide(self.gpu_request)
-            options["queue"] = decision.queue
-            headers[ROUTE_HEADER] = decision.to_header()
-        options["headers"] = headers
-        return super().apply_async(args, kwargs, task_id,
-                                   request_id=request_id, **options)
+    def _route_for(self, options: dict[str, Any]) -> Route | None:
+        if options.get("queue") or wire.ROUTE in (options.get("headers")
+                                                   or {}):
+            return None  # the caller (or a worker re-routing) chose
+
+        def route(options: dict[str, Any]) -> dict[str, Any]:
+            decision = self._router.decide(self.gpu_request)
+            headers = dict(options.get("headers") or {})
+            headers[wire.ROUTE] = decision.to_header()
+            return dict(options, queue=decision.queue, headers=headers)
+        return route
 
     # -- worker side ---------------------------------------------------------
 
     def _before_body(self, ctx: JobContext) -> None:
-        gpu = self._ares.gpu_worker
+        gpu = self._gpu_slot.host
         request = self.gpu_request
         if gpu is None:
             self._reroute(ctx, "this worker has no GPUs", exclude_self=False)
@@ -73,21 +83,31 @@ class GpuTask(ExactlyOnceTask):
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
-    def _reroute(self, ctx: JobContext, why: str, exclude_self: bool) -> None:
+    def _finish_job(self, job_id: str) -> None:
+        """Give the lock back, then the GPUs (also on failure and retry)."""
+        try:
+            super()._finish_job(job_id)
+        finally:
+            gpu = self._gpu_slot.host
+            if gpu is not None:
+                gpu.release(job_id)
+
+    def _reroute(self, ctx: JobContext, why: str,
+                 exclude_self: bool) -> NoReturn:
         """Hand the job to the router's current choice (never drop it)."""
-        gpu = self._ares.gpu_worker
+        gpu = self._gpu_slot.host
         exclude = frozenset([gpu.host]) if gpu is not None and exclude_self \
             else frozenset()
-        reroutes = int(header(self.request, REROUTES_HEADER) or 0)
+        reroutes = int(header(self.request, wire.REROUTES) or 0)
         try:
-            decision = self._ares.worker_router.decide(self.gpu_request,
-                                                       exclude=exclude)
-        except (NoGpuHosts, UnsatisfiableGpuRequest, AresError) as exc:
+            decision = self._worker_router.decide(self.gpu_request,
+                                                  exclude=exclude)
+        except AresError as exc:
             # Nowhere better right now: retry here later, with back-off.
-            self._ares.runtime.defer(self, f"{why}; {exc}")
-        self._ares.runtime.defer(
+            self._runtime.defer(self, f"{why}; {exc}")
+        self._runtime.defer(
             self, why, queue=decision.queue,
-            headers={ROUTE_HEADER: decision.to_header(),
-                     REROUTES_HEADER: reroutes + 1},
+            headers={wire.ROUTE: decision.to_header(),
+                     wire.REROUTES: reroutes + 1},
             delay=0.0 if decision.host != getattr(gpu, "host", None)
             else None)

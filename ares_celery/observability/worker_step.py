@@ -8,11 +8,11 @@ must exist before the children do, or they would not share them.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import bootsteps
 
-from ..settings import metrics_listen
+from ..settings import AresSettings, metrics_listen
 from .events import SWITCH
 from .metrics import MetricsServer
 
@@ -40,16 +40,23 @@ class ObservabilityStep(bootsteps.StartStopStep):
     label = "ares observability"
     requires = {"celery.worker.components:Timer"}
 
+    settings: ClassVar[AresSettings | None] = None
+
+    @classmethod
+    def bound(cls, settings: AresSettings) -> type[ObservabilityStep]:
+        """This step for one app's ares settings (see GpuHostStep.bound)."""
+        return type(cls.__name__, (cls,), {"settings": settings,
+                                           "__module__": cls.__module__})
+
     def __init__(self, worker: Any, ares_metrics_port: str | None = None,
                  **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.server: MetricsServer | None = None
         self._tref = None
-        ares = getattr(worker.app, "ares", None)
-        if ares is None:
+        if self.settings is None:
             return
         SWITCH.install(bool(getattr(worker, "task_events", False)))
-        listen = ares.settings.metrics_listen
+        listen = self.settings.metrics_listen
         if ares_metrics_port:
             listen = metrics_listen("--ares-metrics-port", ares_metrics_port)
         if listen is not None:
@@ -57,7 +64,7 @@ class ObservabilityStep(bootsteps.StartStopStep):
             self.server.prepare()
 
     def start(self, worker: Any) -> None:
-        if getattr(worker.app, "ares", None) is None:
+        if self.settings is None:
             return
         SWITCH.set(task_events_on(worker))
         self._tref = worker.timer.call_repeatedly(

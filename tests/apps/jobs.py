@@ -16,6 +16,7 @@ import time
 import redis
 
 from tests.apps.config import make_app
+from tests.records import executions_key
 
 app, ares = make_app()
 _store = redis.Redis.from_url(os.environ["ARES_TEST_BROKER"])
@@ -49,7 +50,7 @@ def wait_released(keys: list[str], timeout: float) -> bool:
 
 
 def record_execution(job_id: str, token: int) -> None:
-    _store.rpush(f"test:exec:{job_id}", json.dumps(
+    _store.rpush(executions_key(job_id), json.dumps(
         {"pid": os.getpid(), "token": token, "at": time.time()}))
 
 

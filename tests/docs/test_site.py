@@ -47,8 +47,8 @@ def test_api_reference_is_generated_from_the_code(site):
                    "ares_celery.exactly_once.task.ExactlyOnceTask",
                    "ares_celery.gpu.task.GpuTask", "ares_celery.gpu.request.GpuRequest",
                    "ares_celery.errors.AresError", "ares_celery.errors.LeaseLost",
-                   "ares_celery.routing.GpuRouter.decide",
-                   "ares_celery.gpu.placement.best_placement",
+                   "ares_celery.gpu.routing.GpuRouter.decide",
+                   "ares_celery.gpu.request.best_placement",
                    "ares_celery.testing.servers.RedisServer",
                    "ares_celery.testing.servers.EtcdServer"):
         assert f'id="{anchor}"' in html, anchor
@@ -124,3 +124,30 @@ def test_topology_figures_and_placement_tables_are_current():
     assert "| all | 8 | [0, 1, 2, 3, 4, 5, 6, 7] | 0-3-2-1-5-6-7-4-0 | 50 |" in dgx1
     svg = rendered[DOCS / "img" / "topology-dgx1-v100.svg"]
     assert svg.startswith("<svg") and "NV2: 50 GB/s" in svg and "GPU7" in svg
+
+
+def _table_paths(text: str) -> list[str]:
+    """Every `path` in the first column of the markdown table rows."""
+    cells = re.findall(r"^\| (`[^|]+`) \|", text, re.M)
+    return [path for cell in cells for path in re.findall(r"`([^`]+)`", cell)]
+
+
+def test_architecture_package_map_lists_every_module():
+    """The map in docs/architecture.md names every module of the package
+    (package ``__init__`` files may be left out) and nothing that is gone."""
+    text = (DOCS / "architecture.md").read_text()
+    listed = set(_table_paths(text.split("## Package map", 1)[1]))
+    package = ROOT / "ares_celery"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py")}
+    required = {m for m in modules
+                if not (m.endswith("__init__.py") and m != "__init__.py")}
+    assert not required - listed, f"missing from the map: {sorted(required - listed)}"
+    assert not listed - modules, f"no such module: {sorted(listed - modules)}"
+
+
+def test_readme_layout_names_paths_that_exist():
+    text = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    paths = _table_paths(text)
+    assert {"ares_celery/coordination/", "ares_celery/headers.py"} <= set(paths)
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, missing

@@ -9,6 +9,7 @@ import pytest
 
 from ares_celery.gpu.inventory import InventoryCache
 from tests.processes import WorkerProcess, wait_for
+from tests.records import KEYS
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu, pytest.mark.fault]
 
@@ -37,7 +38,7 @@ def test_killed_gpu_worker_job_taken_over_elsewhere(jobs, store):
         assert value["cuda"] == ",".join(map(str, value["gpus"]))
         runs = [json.loads(x) for x in store.lrange("test:gpu-runs", 0, -1)]
         assert len(runs) == 1                         # committed once
-        assert store.hget(f"ares:job:{result.id}", "committed") == \
+        assert store.hget(KEYS.job(result.id), "committed") == \
             str(value["token"]).encode()
         assert cache.wait_for(
             lambda h: h["dgx1"].free == frozenset(range(8)), 10)
@@ -66,7 +67,7 @@ def test_hard_time_limit_kill_gives_the_gpus_back(jobs, store):
         assert result.state == "FAILURE"
         assert cache.wait_for(
             lambda h: h["limited"].free == frozenset(range(8)), 15)
-        assert store.hget(f"ares:job:{result.id}", "state") == b"FAILURE"
+        assert store.hget(KEYS.job(result.id), "state") == b"FAILURE"
     finally:
         cache.stop()
         worker.stop()

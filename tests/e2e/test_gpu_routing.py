@@ -10,8 +10,7 @@ import math
 
 import pytest
 
-from ares_celery.errors import UnsatisfiableGpuRequest
-from ares_celery.gpu import best_placement
+from ares_celery.errors import NoGpuHosts, UnsatisfiableGpuRequest
 from ares_celery.gpu.inventory import InventoryCache
 from tests.processes import WorkerProcess, wait_for
 
@@ -46,8 +45,7 @@ def expected(cache, task):
     best = None
     for host, inv in cache.hosts().items():
         try:
-            p = best_placement(inv.topology, req.gpus, free=inv.free,
-                               **req.placement_kwargs())
+            p = req.placement_policy.place(inv.topology, req, free=inv.free)
         except UnsatisfiableGpuRequest:
             continue
         key = (-p.score, inv.running, host)
@@ -121,3 +119,26 @@ def test_concurrent_mixed_jobs_never_share_a_gpu(jobs, cluster, store):
                 assert not set(a["gpus"]) & set(b["gpus"]), (a, b)
     assert len(runs(store)) == len(tasks)          # each ran exactly once
     assert assert_all_free(cache)
+
+
+def test_retry_of_an_existing_gpu_job_needs_no_gpu_host(jobs, store):
+    """Dedup comes before routing: once a GPU job exists, a client retry
+    with its request id returns it even when no GPU host is registered at
+    that moment (it used to raise NoGpuHosts)."""
+    cache = jobs.ares.router.cache()
+    with WorkerProcess(jobs.app, name="w@retryhost",
+                       env={"ARES_MOCK_GPUS": "dgx1-v100"}):
+        assert cache.wait_for(lambda h: "retryhost" in h, 20)
+        first = jobs.gpu2.apply_async(kwargs={"hold": 0},
+                                      request_id="gpu-retry-no-host")
+        committed = first.get(timeout=30)
+    # A clean stop withdraws the host from the inventory at once.
+    assert cache.wait_for(lambda h: "retryhost" not in h, 20)
+    with pytest.raises(NoGpuHosts):   # nothing could route a new job now
+        jobs.gpu2.apply_async(kwargs={"hold": 0}, request_id="gpu-new-no-host")
+    again = jobs.gpu2.apply_async(kwargs={"hold": 0},
+                                  request_id="gpu-retry-no-host")
+    assert again.id == first.id
+    assert again.get(timeout=5) == committed
+    assert committed["host"] == "retryhost"
+    assert store.llen("ares.gpu.retryhost") == 0   # nothing published again

@@ -4,8 +4,6 @@ in-flight jobs, and hard time limits, with real ``celery worker`` processes.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import redis
 from celery.exceptions import TimeLimitExceeded
@@ -13,19 +11,13 @@ from celery.exceptions import TimeLimitExceeded
 from ares_celery.testing import RedisServer
 from tests.apps.config import make_app
 from tests.processes import WorkerProcess, wait_for
+from tests.records import KEYS, executions, job_record
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
-LOCKS = "/ares/locks/"
+LOCKS = KEYS.lock_prefix()
 
 
-def executions(store, job_id):
-    return [json.loads(x) for x in store.lrange(f"test:exec:{job_id}", 0, -1)]
-
-
-def job_state(store, job_id) -> dict:
-    raw = store.hgetall(f"ares:job:{job_id}")
-    return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 def hold(seconds: float, invariant, what: str) -> None:
@@ -53,7 +45,7 @@ def test_etcd_down_ten_seconds_nothing_runs_nothing_is_lost(
         assert [v["value"] for v in values] == list(range(20))
         for r in results:
             assert len(executions(store, r.id)) == 1
-            assert job_state(store, r.id)["commits"] == "1"
+            assert job_record(store, r.id)["commits"] == "1"
     finally:
         if etcd_server.proc.poll() is not None:
             etcd_server.start()
@@ -97,7 +89,7 @@ def test_broker_restart_with_in_flight_jobs_commits_each_once(
         for r, value in zip(results, values, strict=True):
             runs = executions(store, r.id)
             assert runs and runs[-1]["token"] == value["token"]
-            state = job_state(store, r.id)
+            state = job_record(store, r.id)
             assert state["commits"] == "1"
             assert state["committed"] == str(value["token"])
             assert store.hget(f"test:effect:{r.id}", "token") == \
@@ -114,7 +106,7 @@ def test_hard_time_limit_fails_the_job_once_and_frees_its_lock(
         with pytest.raises(TimeLimitExceeded):
             result.get(timeout=30)
         assert result.state == "FAILURE"
-        state = job_state(store, result.id)
+        state = job_record(store, result.id)
         assert state["state"] == "FAILURE" and state["commits"] == "1"
         # The killed process's lease expires: the lock goes with it.
         wait_for(lambda: etcd.count_prefix(LOCKS) == 0,

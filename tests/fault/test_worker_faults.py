@@ -11,6 +11,7 @@ import json
 import pytest
 
 from tests.processes import WorkerProcess, wait_for
+from tests.records import KEYS, executions
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -18,9 +19,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.integration]
 def started(store, job_id):
     return [json.loads(x) for x in store.lrange(f"test:started:{job_id}", 0, -1)]
 
-
-def executions(store, job_id):
-    return [json.loads(x) for x in store.lrange(f"test:exec:{job_id}", 0, -1)]
 
 
 @pytest.fixture()
@@ -59,7 +57,7 @@ def test_sigkill_mid_task_another_worker_takes_over_and_commits_once(
     value = result.get(timeout=30)
     assert value["token"] == second["token"]
     assert len(executions(store, result.id)) == 2  # killed run + takeover
-    assert store.hget(f"ares:job:{result.id}", "committed") == \
+    assert store.hget(KEYS.job(result.id), "committed") == \
         str(second["token"]).encode()
     assert store.hget(f"test:effect:{result.id}", "token") == \
         str(second["token"]).encode()
@@ -73,12 +71,12 @@ def test_sigstop_zombie_commit_is_rejected(jobs, store, takeover):
 
     a.resume()                                # the zombie wakes up
     jobs.release(store, f"test:release:{result.id}:{first['token']}")
-    fenced = wait_for(lambda: store.xrange("ares:fenced"), 30,
+    fenced = wait_for(lambda: store.xrange(KEYS.fenced_log()), 30,
                       "the zombie's commit to be fenced")
     entry = fenced[0][1]
     assert entry[b"job"] == result.id.encode()
     assert entry[b"token"] == str(first["token"]).encode()
-    assert store.hget(f"ares:job:{result.id}", "fenced") == b"1"
+    assert store.hget(KEYS.job(result.id), "fenced") == b"1"
     assert result.get(timeout=5) == committed  # unchanged
     assert store.hget(f"test:effect:{result.id}", "token") == \
         str(second["token"]).encode()          # side effect fenced too

@@ -200,8 +200,10 @@ def test_etcd_over_tls_with_client_certificates(pki, tls_etcd):
     lease = gateway.grant_lease(5)
     gateway.put("/tls/k", "v", lease=lease)
     assert gateway.get("/tls/k").value == b"v"
-    url, session = gateway.watch_endpoint()
-    assert url.startswith("https://")
+    revision = gateway.get("/tls/k").mod_revision
+    with gateway.watch_prefix("/tls/", revision) as stream:   # streams too
+        batch = next(iter(stream))
+    assert [e.kv.value for e in batch.events] == [b"v"]
     with pytest.raises(ServiceUnavailable):   # no client certificate
         root_gateway(tls_etcd, ca_cert=str(pki.ca)).get("/tls/k")
     with pytest.raises(ServiceUnavailable):   # plain http to a TLS port

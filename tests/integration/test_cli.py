@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from ares_celery.exactly_once.identity import Keys
 from ares_celery.gpu import mock_topology
 from ares_celery.gpu.inventory import InventoryPublisher
+from ares_celery.keys import Keys
 from tests.processes import ROOT
+from tests.records import KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -96,16 +97,16 @@ def test_job_shows_committed_result_and_release_refuses_live_holder(
     assert f"committed  yes: SUCCESS with token {token}" in out.stdout
 
     lease = etcd.grant_lease(30)            # a live holder of another job
-    etcd.put("/ares/locks/held-job", json.dumps({"host": "h", "pid": 1}),
+    etcd.put(KEYS.lock("held-job"), json.dumps({"host": "h", "pid": 1}),
              lease=lease)
     out = celery("job", "00000000-0000-0000-0000-000000000000")
     assert "lease      not held" in out.stdout
     refused = celery("release", "held-job")
     assert refused.returncode != 0 and "refusing" in refused.stderr
-    assert etcd.get("/ares/locks/held-job") is not None
+    assert etcd.get(KEYS.lock("held-job")) is not None
 
-    etcd.put("/ares/locks/stuck-job", "{}")  # no live lease behind it
+    etcd.put(KEYS.lock("stuck-job"), "{}")  # no live lease behind it
     done = celery("release", "stuck-job")
     assert done.returncode == 0 and "released" in done.stdout
-    assert etcd.get("/ares/locks/stuck-job") is None
+    assert etcd.get(KEYS.lock("stuck-job")) is None
     assert "no lock held" in celery("release", "stuck-job").stdout

@@ -16,6 +16,7 @@ import pytest
 from ares_celery import InvalidRequestId, RequestIdConflict, ServiceUnavailable
 from ares_celery.exactly_once.identity import job_id_for
 from tests.processes import ROOT, wait_for
+from tests.records import KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +119,7 @@ def test_client_killed_between_record_and_publish_does_not_lose_job(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert queued(store) == []
-    record = store.hgetall("ares:dedup:killed-client")
+    record = store.hgetall(KEYS.dedup("killed-client"))
     assert record[b"state"] == b"reserved"
 
     dedup = jobs.ares.services.dedup
@@ -129,7 +130,7 @@ def test_client_killed_between_record_and_publish_does_not_lose_job(
         dedup._claim_ms = 5000
     assert result.id == job_id_for("ares", "killed-client")
     assert len(queued(store)) == 1
-    assert store.hget("ares:dedup:killed-client", "state") == b"published"
+    assert store.hget(KEYS.dedup("killed-client"), "state") == b"published"
 
 
 def test_failed_publish_rolls_back_the_reservation(jobs, store, monkeypatch):
@@ -141,7 +142,7 @@ def test_failed_publish_rolls_back_the_reservation(jobs, store, monkeypatch):
     monkeypatch.setattr(Task, "apply_async", broken)
     with pytest.raises(RuntimeError):
         jobs.record.apply_async(("x",), request_id="rollback")
-    assert not store.exists("ares:dedup:rollback")
+    assert not store.exists(KEYS.dedup("rollback"))
     monkeypatch.undo()
     jobs.record.apply_async(("x",), request_id="rollback")
     assert len(queued(store)) == 1
@@ -194,7 +195,7 @@ def test_retry_republishes_a_message_the_broker_lost(jobs, store, monkeypatch):
     assert len(queued(store)) == 1            # the republish renewed the claim
 
     store.delete("celery")
-    store.hset(f"ares:job:{first.id}", "committed", 7)
+    store.hset(KEYS.job(first.id), "committed", 7)
     with pytest.raises(TimeoutError):         # stale again, but committed
         wait_for(lambda: jobs.record.apply_async(("lost",),
                                                  request_id="lost-message")

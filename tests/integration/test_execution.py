@@ -9,12 +9,10 @@ from celery import Task
 
 from ares_celery.exactly_once.execution import ExecutionStats
 from tests.processes import wait_for
+from tests.records import KEYS, executions
 
 pytestmark = pytest.mark.integration
 
-
-def executions(store, job_id):
-    return [json.loads(x) for x in store.lrange(f"test:exec:{job_id}", 0, -1)]
 
 
 def test_job_runs_once_and_result_comes_back(jobs, worker, store):
@@ -25,7 +23,7 @@ def test_job_runs_once_and_result_comes_back(jobs, worker, store):
     assert value["value"] == "a" and value["request_id"] == "order-77"
     assert isinstance(value["token"], int) and value["token"] > 0
     assert len(executions(store, r1.id)) == 1
-    assert store.hget(f"ares:job:{r1.id}", "committed") == \
+    assert store.hget(KEYS.job(r1.id), "committed") == \
         str(value["token"]).encode()
 
 
@@ -33,7 +31,7 @@ def test_delay_without_request_id_is_still_fenced(jobs, worker, store):
     result = jobs.record.delay("plain")
     value = result.get(timeout=20)
     assert value["request_id"] is None and value["token"] > 0
-    assert store.hget(f"ares:job:{result.id}", "committed") is not None
+    assert store.hget(KEYS.job(result.id), "committed") is not None
 
 
 def test_redelivered_message_after_commit_is_skipped(jobs, worker, store):
@@ -55,7 +53,7 @@ def test_job_whose_lock_is_held_elsewhere_waits_then_runs(
     run, not dropped) and runs once the holder's lease is gone."""
     job_id = "held-job-1"
     lease = etcd.grant_lease(30)
-    etcd.put(f"/ares/locks/{job_id}", json.dumps({"host": "other"}),
+    etcd.put(KEYS.lock(job_id), json.dumps({"host": "other"}),
              lease=lease)
     deferred_before = ExecutionStats.deferred
     result = Task.apply_async(jobs.record, ("late",), task_id=job_id)
@@ -73,7 +71,7 @@ def test_failure_is_committed_once_with_traceback(jobs, worker, store):
     with pytest.raises(ValueError, match="boom"):
         result.get(timeout=20)
     assert result.state == "FAILURE" and "ValueError" in result.traceback
-    assert store.hget(f"ares:job:{result.id}", "state") == b"FAILURE"
+    assert store.hget(KEYS.job(result.id), "state") == b"FAILURE"
     Task.apply_async(jobs.fail, ("boom",), task_id=result.id)
     wait_for(lambda: store.llen("celery") == 0, 10, "duplicate consumed")
     wait_for(lambda: ExecutionStats.skipped_committed > 0, 10, "skip")
@@ -101,7 +99,7 @@ def test_locks_of_committed_jobs_are_removed(jobs, worker, etcd):
                for i in range(20)]
     for r in results:
         r.get(timeout=20)
-    wait_for(lambda: etcd.count_prefix("/ares/locks/") == 0, 10,
+    wait_for(lambda: etcd.count_prefix(KEYS.lock_prefix()) == 0, 10,
              "committed jobs' locks to be deleted")
 
 
@@ -112,7 +110,7 @@ def test_self_retry_keeps_job_id_and_runs_again(jobs, worker, store):
     runs = executions(store, result.id)
     assert len(runs) == 2
     assert runs[1]["token"] > runs[0]["token"]
-    assert store.hget(f"ares:job:{result.id}", "committed") == \
+    assert store.hget(KEYS.job(result.id), "committed") == \
         str(value["token"]).encode()
 
 

@@ -9,10 +9,11 @@ import threading
 import pytest
 import redis as redis_lib
 
+from ares_celery.coordination.mutex import JobLocks
 from ares_celery.exactly_once import context
 from ares_celery.exactly_once.context import JobContext
-from ares_celery.exactly_once.identity import Keys
-from ares_celery.exactly_once.lock import JobLocks
+from ares_celery.keys import Keys
+from tests.records import KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ def test_redis_commit_is_write_once_and_fenced(jobs, store):
     backend.store_result("job-1", "zombie", "SUCCESS")
     context.unregister("job-1")
     assert backend.get_task_meta("job-1")["status"] == "PENDING"
-    entry = store.xrange("ares:fenced")[0][1]
+    entry = store.xrange(KEYS.fenced_log())[0][1]
     assert entry[b"token"] == b"7" and entry[b"fence"] == b"10"
     # The current holder commits, and PUBLISHes like Celery's backend.
     pubsub = redis_lib.Redis.from_url(os.environ["ARES_TEST_BROKER"]).pubsub()
@@ -88,7 +89,7 @@ def test_etcd_commit_checks_the_lock_revision(jobs, etcd):
     backend = app.backend
     assert type(backend).__name__ == "FencedEtcdBackend"
     locks = JobLocks(etcd, Keys("ares"), check_done_marker=True)
-    from ares_celery.exactly_once.lease import LeaseGrant
+    from ares_celery.coordination.session import LeaseGrant
 
     old = LeaseGrant(etcd.grant_lease(30), 1)
     first = locks.acquire("job-e", old)
@@ -102,17 +103,17 @@ def test_etcd_commit_checks_the_lock_revision(jobs, etcd):
     backend.store_result("job-e", "zombie", "SUCCESS")
     context.unregister("job-e")
     assert backend.get_task_meta("job-e")["status"] == "PENDING"
-    assert etcd.get(f"/ares/fenced/job-e/{first.token}") is not None
+    assert etcd.get(KEYS.fenced("job-e", first.token)) is not None
 
     ctx = as_holder("job-e", second.token)    # the live holder commits
     backend.store_result("job-e", "winner", "SUCCESS")
     context.unregister("job-e")
     assert ctx.committed and ctx.released     # same Txn deleted the lock
-    assert etcd.get("/ares/locks/job-e") is None
+    assert etcd.get(KEYS.lock("job-e")) is None
     assert backend.get_task_meta("job-e")["result"] == "winner"
     third = locks.acquire("job-e", new)
     assert third.status == "committed"        # later messages are skipped
-    assert etcd.get("/ares/locks/job-e") is None
+    assert etcd.get(KEYS.lock("job-e")) is None
 
 
 def test_etcd_store_end_to_end(jobs, store):

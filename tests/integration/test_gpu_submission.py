@@ -7,9 +7,10 @@ import pytest
 
 from ares_celery import AresError
 from ares_celery.errors import GpuRequestError, NoGpuHosts, UnsatisfiableGpuRequest
-from ares_celery.exactly_once.identity import Keys
 from ares_celery.gpu import mock_topology
 from ares_celery.gpu.inventory import InventoryPublisher, host_queue
+from ares_celery.keys import Keys
+from tests.records import KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,7 @@ def publish(etcd, host, mock):
 def test_no_registered_hosts(jobs, store):
     with pytest.raises(NoGpuHosts, match="no GPU hosts are registered"):
         jobs.gpu2.apply_async(request_id="nowhere")
-    assert store.keys("celery*") == [] and store.keys("ares:dedup:*") == []
+    assert store.keys("celery*") == [] and store.keys(KEYS.dedup("*")) == []
 
 
 @pytest.mark.parametrize("task, fragment", [
@@ -58,7 +59,7 @@ def test_impossible_request_names_the_closest_host(jobs, etcd, store, task,
         message = str(info.value)
         assert "closest is small" in message and fragment in message
         assert store.llen("ares.gpu.small") == 0
-        assert store.keys("ares:dedup:*") == []
+        assert store.keys(KEYS.dedup("*")) == []
     finally:
         pub.withdraw()
 

@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from ares_celery.exactly_once.identity import Keys
 from ares_celery.gpu import mock_topology
 from ares_celery.gpu.inventory import InventoryCache, InventoryPublisher, host_queue
+from ares_celery.keys import Keys
 from tests.processes import ROOT
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def test_dead_host_disappears_when_its_lease_expires(etcd, services):
     script = textwrap.dedent(f"""
         import sys
         from ares_celery.clients.etcd import EtcdGateway
-        from ares_celery.exactly_once.identity import Keys
+        from ares_celery.keys import Keys
         from ares_celery.gpu import mock_topology
         from ares_celery.gpu.inventory import InventoryPublisher
         pub = InventoryPublisher(EtcdGateway([{services[1].endpoint!r}]),

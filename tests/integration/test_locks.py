@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import pytest
 
+from ares_celery.coordination.mutex import JobLocks
+from ares_celery.coordination.session import Session
 from ares_celery.errors import ServiceUnavailable
-from ares_celery.exactly_once.identity import Keys
-from ares_celery.exactly_once.lease import LeaseKeeper
-from ares_celery.exactly_once.lock import JobLocks
+from ares_celery.keys import Keys
 from tests.processes import wait_for
+from tests.records import KEYS
 
 pytestmark = pytest.mark.integration
 
 
 def test_release_that_failed_while_etcd_was_down_is_retried(
         etcd, etcd_server):
-    keeper = LeaseKeeper(etcd, 30)
+    keeper = Session(etcd, 30)
     locks = JobLocks(etcd, Keys("ares"), check_done_marker=False)
     try:
         grant = keeper.current()
@@ -31,7 +32,7 @@ def test_release_that_failed_while_etcd_was_down_is_retried(
             etcd_server.start()
         # The process lease is alive (30 s TTL, refreshed): only the retry
         # can free the lock.
-        wait_for(lambda: etcd.get("/ares/locks/stuck-job") is None, 15,
+        wait_for(lambda: etcd.get(KEYS.lock("stuck-job")) is None, 15,
                  "the retried release")
         assert keeper.is_valid(grant)
         again = locks.acquire("stuck-job", keeper.current())
@@ -41,7 +42,7 @@ def test_release_that_failed_while_etcd_was_down_is_retried(
 
 
 def test_lock_txn_applied_but_reply_lost_is_cleaned_up(etcd, monkeypatch):
-    keeper = LeaseKeeper(etcd, 30)
+    keeper = Session(etcd, 30)
     locks = JobLocks(etcd, Keys("ares"), check_done_marker=False)
     try:
         grant = keeper.current()
@@ -56,11 +57,11 @@ def test_lock_txn_applied_but_reply_lost_is_cleaned_up(etcd, monkeypatch):
         with pytest.raises(ServiceUnavailable):
             locks.acquire("ghost-job", grant)
         monkeypatch.undo()
-        assert etcd.get("/ares/locks/ghost-job") is not None  # it applied
+        assert etcd.get(KEYS.lock("ghost-job")) is not None  # it applied
         # Our own live lease holds it; only the cleanup can free it.
-        wait_for(lambda: etcd.get("/ares/locks/ghost-job") is None, 15,
+        wait_for(lambda: etcd.get(KEYS.lock("ghost-job")) is None, 15,
                  "the lock of the lost reply to be deleted")
-        assert etcd.get("/ares/locks/someone-elses").create_revision == \
+        assert etcd.get(KEYS.lock("someone-elses")).create_revision == \
             other.token                       # nothing else was touched
         assert locks.acquire("ghost-job", grant).status == "acquired"
     finally:

@@ -16,6 +16,7 @@ from ares_celery.clients.etcd import EtcdGateway
 from ares_celery.testing.servers import free_port
 from tests.observability.flower_process import FlowerProcess, http_get
 from tests.processes import WorkerProcess, wait_for
+from tests.records import KEYS
 
 WORKER = "w@flowerhost"
 HOST = "flowerhost"
@@ -52,7 +53,7 @@ class Stack:
         started = wait_for(lambda: self.store.lrange(
             f"test:started:{result.id}", 0, -1), 20, "the job to start")
         token = json.loads(started[0])["token"]
-        self.store.hset(f"ares:job:{result.id}", "fence", token + 1000)
+        self.store.hset(KEYS.job(result.id), "fence", token + 1000)
         self.jobs.release(self.store, f"test:release:{result.id}")
         return result, token
 
@@ -60,7 +61,7 @@ class Stack:
         """Take the job's lock from "another worker"; returns the lease to
         revoke when that holder should die."""
         lease = self.etcd.grant_lease(30)
-        self.etcd.put(f"/ares/locks/{job_id}",
+        self.etcd.put(KEYS.lock(job_id),
                       json.dumps({"host": "other", "pid": 4242}), lease=lease)
         return lease
 

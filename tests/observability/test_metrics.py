@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 from ares_celery.errors import RequestIdConflict
 from tests.observability.conftest import HOST
 from tests.processes import wait_for
+from tests.records import KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -76,8 +77,8 @@ def test_fenced_commit_is_counted(stack):
     result, _ = stack.run_fenced("metrics-fenced-1")
     worker_grows(stack, "ares_commits_total", fenced,
                  "the commit to be fenced", outcome="fenced")
-    assert stack.store.hget(f"ares:job:{result.id}", "committed") is None
-    entry = stack.store.xrange("ares:fenced")[-1][1]
+    assert stack.store.hget(KEYS.job(result.id), "committed") is None
+    entry = stack.store.xrange(KEYS.fenced_log())[-1][1]
     assert entry[b"job"] == result.id.encode()
 
 

@@ -1,0 +1,42 @@
+"""What a fenced result store must do, so a new one is one file plus one
+registry row (:mod:`ares_celery.backends.registry`).
+
+Celery's own backends are the model (``celery/backends/consul.py``: a
+``KeyValueStoreBackend`` overriding a few hooks). A fenced store is a
+Celery result backend that additionally
+
+- refuses a commit whose fencing token is older than the job's newest
+  holder's, and any commit after the first terminal one (write-once);
+- answers, before a body runs, whether the job is already committed
+  (:meth:`FencedStore.register_fence`), raising the job's fence to the new
+  token where the store keeps one;
+- says whether its commit marker lives in etcd (then the lock Txn reads it
+  and a committed job is never locked again) and how ``result_backend`` is
+  spelled for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from ..settings import AresSettings
+
+
+@runtime_checkable
+class FencedStore(Protocol):
+    """The part of a fenced result backend the worker calls directly."""
+
+    #: ``ares_result_store`` value that selects this store.
+    store_name: ClassVar[str]
+    #: True when the commit marker is an etcd key the lock Txn can read.
+    marker_in_etcd: ClassVar[bool]
+
+    def register_fence(self, job_id: str, token: int) -> str | None:
+        """Before the body: record ``token`` as the job's newest holder (if
+        the store fences by comparing tokens) and return the committed
+        token if the job is already committed (the body must not run)."""
+
+    @classmethod
+    def result_backend_url(cls, current: Any, settings: AresSettings) -> str:
+        """The ``result_backend`` value that installs this store, given the
+        app's current one; raises ConfigurationError if they contradict."""

@@ -1,0 +1,278 @@
+"""Layer 2b and 3: the per-job lock in etcd and its fencing token.
+
+Shaped like etcd's ``client/v3/concurrency/mutex.go``: the lock borrows the
+session's lease, and a held lock hands out its *ownership compare* (the lock
+key's create revision equals our token, as ``Mutex.IsOwner()`` does) for
+callers to put in their own transactions, which is how the etcd result
+store fences a commit. Taking the lock is one etcd transaction that creates
+the lock key only if it does not exist, attached to the process lease. The
+revision of that transaction is the fencing token: etcd revisions only
+grow, so a later holder always has a larger token than any earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Literal
+
+from ..clients.etcd import (
+    EtcdGateway,
+    cmp_create_revision,
+    cmp_value,
+    op_delete,
+    op_put,
+    op_range,
+)
+from ..errors import ServiceUnavailable
+from ..keys import Keys
+from .session import LeaseGrant
+
+logger = logging.getLogger(__name__)
+
+#: Locks of committed jobs are deleted with the next lock Txn, at most this
+#: many at a time, or by a background thread once they waited this long.
+RELEASE_BATCH = 64
+RELEASE_IDLE_S = 0.5
+
+Status = Literal["acquired", "held", "committed"]
+
+
+def ownership_compare(lock_key: str, token: int) -> dict:
+    """The compare that holds only while the lock taken at ``token`` is
+    still there: the one proof of ownership every fenced write uses."""
+    return cmp_create_revision(lock_key, token)
+
+
+@dataclass(frozen=True)
+class JobLock:
+    """A lock this process took: its fencing token, the compare that proves
+    it is still ours, and the way to give it back."""
+
+    job_id: str
+    key: str
+    token: int
+    locks: JobLocks = field(repr=False, compare=False)
+
+    def is_owner(self) -> dict:
+        """The ownership compare, for a caller's own transaction."""
+        return ownership_compare(self.key, self.token)
+
+    def release(self) -> bool:
+        """Delete the lock only if it is still ours."""
+        return self.locks.release(self.job_id, self.token)
+
+
+@dataclass(frozen=True)
+class LockOutcome:
+    status: Status
+    token: int = 0
+    holder: dict | None = None
+    holder_lease: int = 0
+    #: The held lock, when ``status == "acquired"``.
+    lock: JobLock | None = None
+
+
+class JobLocks:
+    """Acquire and release per-job locks; check the etcd commit marker.
+
+    ``check_done_marker``: the result store keeps its commit marker in etcd
+    (see :attr:`~ares_celery.backends.store.FencedStore.marker_in_etcd`),
+    so the lock Txn reads it and a committed job is never locked again.
+    """
+
+    def __init__(self, etcd: EtcdGateway, keys: Keys,
+                 check_done_marker: bool = False) -> None:
+        self._etcd = etcd
+        self._keys = keys
+        self._check_done = check_done_marker
+        self._host = socket.gethostname()
+        # Lock key -> when its job committed, oldest first (dicts keep order).
+        self._pending: dict[str, float] = {}
+        self._pending_guard = threading.Lock()
+        # Lock key -> the compare that proves the lock is still ours, for
+        # deletes etcd did not answer (a release: our token; a lock Txn whose
+        # reply was lost: our value). Retried in the background. Unlike
+        # _pending these jobs are NOT committed.
+        self._guarded: dict[str, dict] = {}
+        self._releaser: threading.Thread | None = None
+        self._releaser_guard = threading.Lock()
+
+    def acquire(self, job_id: str, grant: LeaseGrant) -> LockOutcome:
+        lock_key = self._keys.lock(job_id)
+        if self._is_pending(lock_key):
+            # This process committed the job; its lock just has not been
+            # deleted yet. A redelivered message is simply skipped.
+            return LockOutcome("committed")
+        nonce = uuid.uuid4().hex
+        value = json.dumps({"host": self._host, "pid": os.getpid(),
+                            "lease": grant.lease_id, "nonce": nonce})
+        reads = [op_range(self._keys.done(job_id))] if self._check_done else []
+        # Locks of jobs this process committed are deleted in the same Txn.
+        discard = self._take_pending(RELEASE_BATCH, exclude=lock_key)
+        deletes = [op_delete(key) for key in discard]
+        try:
+            result = self._etcd.txn(
+                compare=[cmp_create_revision(lock_key, 0)],
+                success=[op_put(lock_key, value, grant.lease_id), *reads,
+                         *deletes],
+                failure=[op_range(lock_key), *reads, *deletes],
+            )
+        except ServiceUnavailable:
+            self._restore_pending(discard)
+            # The Txn may have been applied with only its reply lost. The
+            # lock would then hang on a lease this process keeps alive, and
+            # nobody (this process included: its next try has a new nonce)
+            # would ever take the job. Delete it once etcd answers, if it
+            # still carries exactly our value.
+            self._delete_later(lock_key, cmp_value(lock_key, value))
+            raise
+        ranges = result.ranges()
+        if result.succeeded:
+            token = result.revision
+            if self._check_done and ranges and ranges[0]:
+                try:
+                    self.release(job_id, token)
+                except ServiceUnavailable:
+                    self.release_later(job_id, token)
+                return LockOutcome("committed", token)
+            return LockOutcome("acquired", token,
+                               lock=JobLock(job_id, lock_key, token, self))
+        lock_kvs = ranges[0] if ranges else []
+        if self._check_done and len(ranges) > 1 and ranges[1]:
+            return LockOutcome("committed")
+        if not lock_kvs:  # released between compare and read: try again
+            return self.acquire(job_id, grant)
+        kv = lock_kvs[0]
+        try:
+            holder = json.loads(kv.value)
+        except ValueError:
+            holder = {"raw": kv.value.decode(errors="replace")}
+        if holder.get("nonce") == nonce:
+            # Our own put went through on a connection that then failed.
+            token = kv.create_revision
+            return LockOutcome("acquired", token,
+                               lock=JobLock(job_id, lock_key, token, self))
+        return LockOutcome("held", holder=holder, holder_lease=kv.lease)
+
+    def release(self, job_id: str, token: int) -> bool:
+        """Delete the lock only if it is still ours (same create revision):
+        a plain DEL could remove the next holder's lock."""
+        lock_key = self._keys.lock(job_id)
+        result = self._etcd.txn(compare=[ownership_compare(lock_key, token)],
+                                success=[op_delete(lock_key)])
+        return result.succeeded
+
+    def release_later(self, job_id: str, token: int) -> None:
+        """Retry a release that failed because etcd was unreachable.
+
+        The lock hangs on this process's lease, which stays alive as long as
+        the process does: without a retry the job would stay locked (and
+        every redelivery deferred) until the worker exits.
+        """
+        key = self._keys.lock(job_id)
+        self._delete_later(key, ownership_compare(key, token))
+
+    def _delete_later(self, key: str, compare: dict) -> None:
+        with self._pending_guard:
+            self._guarded[key] = compare
+        self._ensure_releaser()
+
+    def discard_after_commit(self, job_id: str) -> None:
+        """Drop a committed job's lock without a round trip of its own.
+
+        Once the result is committed nobody needs the lock (any later
+        message for the job is skipped as committed), so an unconditional
+        delete is safe, and it rides along in this process's next lock Txn.
+        A background thread deletes what waited longer than
+        ``RELEASE_IDLE_S`` (an idle worker). If the process dies first, the
+        lock goes with its lease.
+        """
+        with self._pending_guard:
+            self._pending.setdefault(self._keys.lock(job_id), time.monotonic())
+        self._ensure_releaser()
+
+    def _ensure_releaser(self) -> None:
+        if self._releaser is None or not self._releaser.is_alive():
+            with self._releaser_guard:
+                if self._releaser is None or not self._releaser.is_alive():
+                    self._releaser = threading.Thread(
+                        target=self._release_loop, daemon=True,
+                        name="ares-lock-release")
+                    self._releaser.start()
+
+    def flush(self) -> None:
+        """Delete every queued lock now (worker shutdown)."""
+        while True:
+            batch = self._take_pending(RELEASE_BATCH)
+            if not batch:
+                return
+            if not self._delete_batch(batch):
+                return
+
+    def _is_pending(self, key: str) -> bool:
+        with self._pending_guard:
+            return key in self._pending
+
+    def _take_pending(self, limit: int, exclude: str = "",
+                      older_than: float | None = None) -> list[str]:
+        with self._pending_guard:
+            if older_than is not None and (
+                    not self._pending
+                    or next(iter(self._pending.values())) > older_than):
+                return []
+            keys = list(islice((key for key in self._pending
+                                if key != exclude), limit))
+            for key in keys:
+                del self._pending[key]
+            return keys
+
+    def _restore_pending(self, keys: list[str]) -> None:
+        now = time.monotonic()
+        with self._pending_guard:
+            for key in keys:
+                self._pending.setdefault(key, now)
+
+    def _delete_batch(self, keys: list[str]) -> bool:
+        try:
+            self._etcd.txn(compare=[], success=[op_delete(k) for k in keys])
+            return True
+        except ServiceUnavailable as exc:
+            logger.warning("ares: could not delete %d committed locks (%s); "
+                           "retrying", len(keys), exc)
+            self._restore_pending(keys)
+            return False
+
+    def _retry_releases(self) -> None:
+        """Guarded deletes etcd did not answer before: only a lock that is
+        still ours (same token, or exactly our value) goes."""
+        with self._pending_guard:
+            todo = list(self._guarded.items())
+        for key, compare in todo:
+            try:
+                result = self._etcd.txn(compare=[compare],
+                                        success=[op_delete(key)])
+            except ServiceUnavailable:
+                return  # still away: next round
+            with self._pending_guard:
+                if self._guarded.get(key) is compare:
+                    del self._guarded[key]
+            if result.succeeded:
+                logger.info("ares: released %s after etcd returned", key)
+
+    def _release_loop(self) -> None:
+        while True:
+            time.sleep(RELEASE_IDLE_S)
+            batch = self._take_pending(
+                RELEASE_BATCH, older_than=time.monotonic() - RELEASE_IDLE_S)
+            if batch:
+                self._delete_batch(batch)
+            if self._guarded:
+                self._retry_releases()
