@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
-import time
 from itertools import combinations
 
 import pytest
@@ -20,6 +18,7 @@ from ares_celery.gpu import (
     mock_topology,
 )
 from ares_celery.gpu.model import Gpu, Link
+from ares_celery.gpu.policies import ring_bandwidth
 
 from .oracle import best_key_placement, best_score, ring_bottleneck
 
@@ -228,32 +227,29 @@ def test_sixteen_heterogeneous_gpus_use_the_threshold_search():
     assert best_placement(topo, 3, free=free).score == best_score(topo, free, 3)
 
 
-# -- speed -------------------------------------------------------------------------
+# -- memoization ------------------------------------------------------------------
+# How fast a call is, cold and warm, is measured (never asserted: a busy
+# machine would fail a threshold) by benchmarks/placement_benchmark.py.
 
 
-def _cold_call_ms(topo: HostTopology, k: int, free: list[int]) -> float:
+def test_repeated_calls_are_answered_from_the_memo():
+    topo = mock_topology("dgx1-v100")
     clear_placement_cache()
-    start = time.perf_counter()
-    best_placement(topo, k, free=free)
-    return (time.perf_counter() - start) * 1000
+    first = best_placement(topo, 4)
+    before = ring_bandwidth._solve.cache_info()
+    for _ in range(10):
+        assert best_placement(topo, 4) == first
+    after = ring_bandwidth._solve.cache_info()
+    assert after.hits - before.hits == 10
+    assert after.misses == before.misses
 
 
-def test_sixteen_gpu_k8_is_fast_even_cold():
+def test_cold_sixteen_gpu_answers_equal_warm_ones():
+    """Clearing the caches changes no answer (the memo is only a memo)."""
     topo = mock_topology("nvswitch-16x")
     rng = random.Random(16)
-    times = []
-    for _ in range(30):
+    for _ in range(10):
         free = sorted(rng.sample(range(16), rng.randint(8, 16)))
-        times.append(_cold_call_ms(topo, 8, free))
-    assert statistics.median(times) < 5.0, times
-
-
-def test_eight_gpu_calls_are_fast_cold_and_memoized():
-    topo = mock_topology("dgx1-v100")
-    cold = [_cold_call_ms(topo, k, list(range(8))) for k in (1, 2, 4, 8)]
-    assert max(cold) < 50.0, cold
-    best_placement(topo, 4)
-    start = time.perf_counter()
-    for _ in range(100):
-        best_placement(topo, 4)
-    assert (time.perf_counter() - start) * 10 < 1.0  # < 1 ms per memoized call
+        warm = best_placement(topo, 8, free=free)
+        clear_placement_cache()
+        assert best_placement(topo, 8, free=free) == warm
