@@ -3,6 +3,7 @@
 from .app import Ares, AresWarning
 from .errors import (
     AresError,
+    AttemptsExhausted,
     AuthenticationFailed,
     ConfigurationError,
     InvalidRequestId,
@@ -16,6 +17,7 @@ __all__ = [
     "Ares",
     "AresError",
     "AresWarning",
+    "AttemptsExhausted",
     "AuthenticationFailed",
     "ConfigurationError",
     "InvalidRequestId",

@@ -16,6 +16,7 @@ from .errors import ConfigurationError
 from .exactly_once import context
 from .exactly_once.context import JobContext
 from .exactly_once.execution import JobRuntime
+from .exactly_once.recovery_step import RecoveryStep
 from .exactly_once.submission import Submitter
 from .exactly_once.task import ExactlyOnceTask
 from .gpu.host import GpuHost, HostSlot
@@ -118,6 +119,11 @@ class Ares:
 
     def _make_task(self, fun: Callable[..., Any], options: dict[str, Any],
                    default_base: type) -> Task:
+        limit = options.get("max_attempts")
+        if limit is not None and (isinstance(limit, bool)
+                                  or not isinstance(limit, int) or limit < 1):
+            raise ConfigurationError(
+                f"max_attempts must be an int >= 1, got {limit!r}")
         for flag in ("acks_late", "reject_on_worker_lost"):
             if options.get(flag, True) is not True:
                 raise ConfigurationError(
@@ -159,6 +165,7 @@ class Ares:
                                     self.policies, self.worker_router,
                                     self.gpu_slot))
         steps.add(ObservabilityStep.bound(self.settings))
+        steps.add(RecoveryStep.bound(self.settings, self.services))
         options = self.app.user_options["worker"]
         options.add(click.Option(
             ["--ares-mock-gpus"], default=None,

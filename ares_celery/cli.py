@@ -196,6 +196,7 @@ def job(ctx: click.Context, ref: str) -> None:
     try:
         with unavailable_as_ares_error(instance.settings.redis_url):
             lock, holder, ttl = _read_lock(services, job_id)
+            attempts = services.locks.attempts(job_id)
             record = services.redis.hgetall(services.keys.job(job_id))
             dedup = services.redis.hgetall(services.keys.dedup(rid)) \
                 if rid else {}
@@ -213,6 +214,8 @@ def job(ctx: click.Context, ref: str) -> None:
                    f"ttl {ttl}s")
     else:
         click.echo("lease      not held")
+    click.echo(f"attempts   {attempts} (holders that took the job and did "
+               "not give it back; a retry does not count)")
     click.echo(f"fence      {decoded.get('fence', '-')}")
     if "committed" in decoded:
         click.echo(f"committed  yes: {decoded.get('state')} with token "

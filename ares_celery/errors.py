@@ -41,6 +41,11 @@ class LeaseLost(AresError):
     """The worker no longer holds the job's lease: its commit will be fenced."""
 
 
+class AttemptsExhausted(AresError):
+    """A job lost its holder (killed, hung, cut off) ``max_attempts`` times:
+    it is committed as FAILURE instead of being run again forever."""
+
+
 class GpuRequestError(AresError, ValueError):
     """A GPU requirement that is malformed (bad count, memory or link type)."""
 

@@ -52,3 +52,44 @@ class Keys:
         """Redis hash: every GPU host ever registered -> its queue (the
         janitor drains the queues of hosts that left the inventory)."""
         return f"{self.namespace}:gpu:queues"
+
+    def job_record_prefix(self) -> str:
+        return f"/{self.namespace}/jobs/"
+
+    def job_record(self, job_id: str) -> str:
+        """etcd: what it takes to publish the job again and who held it
+        last; put with every lock taken (its version counts them), so it
+        outlives the holder and lets a recoverer re-dispatch the job."""
+        return f"{self.job_record_prefix()}{job_id}"
+
+    def released(self, job_id: str) -> str:
+        """etcd: put each time a live holder gives the lock back without a
+        commit (retry, re-route): its version counts the tenures that did
+        not end in a holder's death."""
+        return f"/{self.namespace}/released/{job_id}"
+
+    def reserved_prefix(self) -> str:
+        return f"/{self.namespace}/reserved/"
+
+    def reserved_by(self, lease_id: int) -> str:
+        """etcd: the prefix of every message the worker on ``lease_id``
+        holds."""
+        return f"{self.reserved_prefix()}{lease_id:x}/"
+
+    def reserved(self, lease_id: int, job_id: str) -> str:
+        """etcd: a message a worker holds but has not finished (prefetched,
+        waiting for its ETA, running). Not on the worker's lease: it must
+        outlive the worker (see :meth:`worker`)."""
+        return f"{self.reserved_by(lease_id)}{job_id}"
+
+    def workers_prefix(self) -> str:
+        return f"/{self.namespace}/workers/"
+
+    def worker(self, lease_id: int) -> str:
+        """etcd: present while the worker on ``lease_id`` lives (on that
+        lease): when it goes, the worker's reserved messages are orphans."""
+        return f"{self.workers_prefix()}{lease_id:x}"
+
+    def election(self, name: str) -> str:
+        """etcd: the key whose holder leads ``name`` (one actor at a time)."""
+        return f"/{self.namespace}/election/{name}"

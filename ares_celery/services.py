@@ -54,8 +54,11 @@ class Services:
             self._dedup = DedupStore(
                 self._redis, self.keys, s.dedup_ttl, s.dedup_claim_timeout,
                 url=s.redis_url, republish_after=s.republish_after)
-            self._locks = JobLocks(self._etcd, self.keys,
-                                   check_done_marker=self._marker_in_etcd)
+            self._locks = JobLocks(
+                self._etcd, self.keys, check_done_marker=self._marker_in_etcd,
+                # Records outlive any job that is still wanted: as long as
+                # a client retry could ask for it, and at least a day.
+                records_ttl=max(s.dedup_ttl, 86400) + 3600)
             self._etcd_ok_until = 0.0
             self._pid = os.getpid()
 

@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "ares_dedup_ttl": 86400,
     "ares_dedup_claim_timeout": 5.0,
     "ares_republish_after": 600.0,
+    "ares_max_attempts": 5,            # holders a job may lose before FAILURE
+    "ares_recovery": True,             # workers re-dispatch jobs of dead holders
     "ares_namespace": "ares",
     "ares_result_store": "redis",      # a name in backends.registry.STORES
     "ares_lease_retry_max_delay": None,  # defaults to the lease TTL
@@ -47,11 +49,17 @@ def _number(name: str, value: Any, low: float, high: float,
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(f"{name} must be a number, got {value!r}")
     if integer and int(value) != value:
-        raise ConfigurationError(f"{name} must be whole seconds, got {value!r}")
+        raise ConfigurationError(f"{name} must be a whole number, got {value!r}")
     if not low <= value <= high:
         raise ConfigurationError(
             f"{name}={value!r} is out of range [{low}, {high}]")
     return int(value) if integer else float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _readable_file(name: str, value: Any) -> str | None:
@@ -137,6 +145,8 @@ class AresSettings:
     dedup_ttl: int = 86400
     dedup_claim_timeout: float = 5.0
     republish_after: float = 600.0
+    max_attempts: int = 5
+    recovery: bool = True
     namespace: str = "ares"
     result_store: str = "redis"
     lease_retry_max_delay: float = 30.0
@@ -212,6 +222,10 @@ class AresSettings:
             republish_after=_number(
                 "ares_republish_after", values["ares_republish_after"],
                 0, 30 * 86400),
+            max_attempts=_number("ares_max_attempts",
+                                 values["ares_max_attempts"], 1, 1000,
+                                 integer=True),
+            recovery=_flag("ares_recovery", values["ares_recovery"]),
             namespace=namespace,
             result_store=store,
             lease_retry_max_delay=float(lease_ttl) if retry_max is None else

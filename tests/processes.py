@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -84,8 +85,42 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
 
+    def supervise(self) -> Supervisor:
+        """Restart the worker whenever it exits, as systemd's
+        ``Restart=always`` would (kombu 5.7 can end a worker whose broker
+        connection drops while it holds unacked messages)."""
+        return Supervisor(self)
+
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class Supervisor:
+    """A thread that keeps one :class:`WorkerProcess` running."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            if self.worker.proc is not None and \
+                    self.worker.proc.poll() is not None:
+                self.restarts += 1
+                try:
+                    self.worker.start(timeout=60)
+                except Exception:  # noqa: BLE001 - broker still away: again
+                    continue

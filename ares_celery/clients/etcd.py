@@ -76,10 +76,12 @@ class KeyValue:
 @dataclass(frozen=True)
 class WatchEvent:
     """One change seen by a watch: the key-value after a PUT, or the key
-    (with its last revisions) that a DELETE removed."""
+    (with its last revisions) that a DELETE removed; ``prev`` is the
+    key-value before the change, when the watch asked for it."""
 
     type: Literal["PUT", "DELETE"]
     kv: KeyValue
+    prev: KeyValue | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,16 @@ class TxnResult:
     succeeded: bool
     revision: int
     responses: list[dict[str, Any]]
+
+    def previous(self) -> list[KeyValue | None]:
+        """The key-value each put op (asked with ``prev_kv``) replaced, in
+        order; None where the key did not exist."""
+        out: list[KeyValue | None] = []
+        for resp in self.responses:
+            if "response_put" in resp:
+                prev = resp["response_put"].get("prev_kv")
+                out.append(KeyValue.from_json(prev) if prev else None)
+        return out
 
     def ranges(self) -> list[list[KeyValue]]:
         """The key-values of each range op in the executed branch, in order."""
@@ -128,10 +140,13 @@ def cmp_value(key: str, value: str | bytes) -> dict[str, Any]:
             "value": b64(value)}
 
 
-def op_put(key: str, value: str | bytes, lease: int = 0) -> dict[str, Any]:
+def op_put(key: str, value: str | bytes, lease: int = 0,
+           prev_kv: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
     if lease:
         body["lease"] = str(lease)
+    if prev_kv:
+        body["prev_kv"] = True
     return {"request_put": body}
 
 
@@ -453,11 +468,13 @@ class EtcdGateway:
         kvs = [KeyValue.from_json(kv) for kv in resp.get("kvs") or []]
         return kvs, int(resp.get("header", {}).get("revision", 0))
 
-    def watch_prefix(self, prefix: str, start_revision: int) -> WatchStream:
+    def watch_prefix(self, prefix: str, start_revision: int,
+                     prev_kv: bool = False) -> WatchStream:
         """A stream of changes under ``prefix`` from ``start_revision`` on,
         from the endpoint that answered last, with the same TLS files and
-        auth token as unary calls. Raises :class:`ServiceUnavailable` if
-        the stream cannot be opened."""
+        auth token as unary calls (``prev_kv``: each event carries the
+        key-value it replaced or deleted). Raises
+        :class:`ServiceUnavailable` if the stream cannot be opened."""
         host, port = self.endpoints[self._preferred]
         session = requests.Session()
         session.trust_env = False
@@ -471,7 +488,7 @@ class EtcdGateway:
         url = f"{sec.protocol}://{host}:{port}/v3/watch"
         body = {"create_request": {
             "key": b64(prefix), "range_end": b64(prefix_end(prefix)),
-            "start_revision": str(start_revision)}}
+            "start_revision": str(start_revision), "prev_kv": prev_kv}}
         try:
             response = session.post(url, json=body, stream=True,
                                     timeout=(self.timeout, None))
@@ -557,8 +574,10 @@ class WatchStream:
             events = []
             for event in result.get("events") or []:
                 kv = KeyValue.from_json(event.get("kv", {}))
+                prev = event.get("prev_kv")
                 events.append(WatchEvent(
-                    "DELETE" if event.get("type") == "DELETE" else "PUT", kv))
+                    "DELETE" if event.get("type") == "DELETE" else "PUT", kv,
+                    KeyValue.from_json(prev) if prev else None))
             if events:
                 yield WatchBatch(events)
 

@@ -25,6 +25,7 @@ from typing import Literal
 
 from ..clients.etcd import (
     EtcdGateway,
+    KeyValue,
     cmp_create_revision,
     cmp_value,
     op_delete,
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 #: many at a time, or by a background thread once they waited this long.
 RELEASE_BATCH = 64
 RELEASE_IDLE_S = 0.5
+
+#: Each process puts job records on a fresh shared lease this often.
+RECORDS_LEASE_EVERY_S = 3600
 
 Status = Literal["acquired", "held", "committed"]
 
@@ -78,6 +82,30 @@ class LockOutcome:
     holder_lease: int = 0
     #: The held lock, when ``status == "acquired"``.
     lock: JobLock | None = None
+    #: This holder's attempt at the job: 1 + the earlier holders whose
+    #: tenure ended without a commit or a deliberate release (they died,
+    #: hung or were cut off).
+    attempt: int = 1
+    #: Who held the job before (host, pid, worker), if anyone did.
+    previous_holder: dict | None = None
+
+
+def attempt_number(record: KeyValue | None, released: KeyValue | None) -> int:
+    """Attempts so far, from the versions etcd keeps: every lock taken put
+    the job record once, every deliberate release put the released key
+    once, so the tenures that ended otherwise are the difference."""
+    taken = record.version if record is not None else 0
+    given_back = released.version if released is not None else 0
+    return max(taken - given_back, 0) + 1
+
+
+def _holder(record: KeyValue | None) -> dict | None:
+    if record is None:
+        return None
+    try:
+        return json.loads(record.value).get("holder")
+    except (ValueError, AttributeError):
+        return None
 
 
 class JobLocks:
@@ -86,15 +114,27 @@ class JobLocks:
     ``check_done_marker``: the result store keeps its commit marker in etcd
     (see :attr:`~ares_celery.backends.store.FencedStore.marker_in_etcd`),
     so the lock Txn reads it and a committed job is never locked again.
+
+    Every lock taken also puts the job's *record* (what it takes to publish
+    the job again, and who holds it) in the same Txn. The record is not on
+    the holder's lease: it outlives a holder that dies, so a recoverer can
+    re-dispatch the job, and its version counts the holders. Records hang
+    on a shared lease of ``records_ttl`` seconds (granted once an hour by
+    each process) so abandoned ones expire; a committed job's record goes
+    with its lock.
     """
 
     def __init__(self, etcd: EtcdGateway, keys: Keys,
-                 check_done_marker: bool = False) -> None:
+                 check_done_marker: bool = False,
+                 records_ttl: int = 90000) -> None:
         self._etcd = etcd
         self._keys = keys
         self._check_done = check_done_marker
+        self._records_ttl = records_ttl
+        self._records_lease: tuple[int, float] | None = None
         self._host = socket.gethostname()
-        # Lock key -> when its job committed, oldest first (dicts keep order).
+        # Job id -> when it committed, oldest first (dicts keep order): its
+        # lock, record and released key are deleted lazily.
         self._pending: dict[str, float] = {}
         self._pending_guard = threading.Lock()
         # Lock key -> the compare that proves the lock is still ours, for
@@ -105,24 +145,45 @@ class JobLocks:
         self._releaser: threading.Thread | None = None
         self._releaser_guard = threading.Lock()
 
-    def acquire(self, job_id: str, grant: LeaseGrant) -> LockOutcome:
+    def records_lease(self) -> int:
+        """The lease job records and released keys are put on: one per
+        process per hour, never kept alive, TTL ``records_ttl``."""
+        now = time.monotonic()
+        if self._records_lease is None or \
+                now - self._records_lease[1] > RECORDS_LEASE_EVERY_S:
+            lease_id = self._etcd.grant_lease(self._records_ttl)
+            self._records_lease = (lease_id, now)
+        return self._records_lease[0]
+
+    def acquire(self, job_id: str, grant: LeaseGrant,
+                record: dict | None = None) -> LockOutcome:
+        """Take the job's lock on ``grant``'s lease and put its ``record``
+        (JSON-able; the holder is added) in the same Txn."""
         lock_key = self._keys.lock(job_id)
-        if self._is_pending(lock_key):
+        if self._is_pending(job_id):
             # This process committed the job; its lock just has not been
             # deleted yet. A redelivered message is simply skipped.
             return LockOutcome("committed")
+        records_lease = self.records_lease()
         nonce = uuid.uuid4().hex
-        value = json.dumps({"host": self._host, "pid": os.getpid(),
-                            "lease": grant.lease_id, "nonce": nonce})
+        holder = {"host": self._host, "pid": os.getpid(),
+                  "lease": grant.lease_id, "nonce": nonce}
+        value = json.dumps(holder)
+        record_value = json.dumps(dict(record or {}, holder=holder,
+                                       at=time.time()))
+        record_key = self._keys.job_record(job_id)
+        released_key = self._keys.released(job_id)
         reads = [op_range(self._keys.done(job_id))] if self._check_done else []
         # Locks of jobs this process committed are deleted in the same Txn.
-        discard = self._take_pending(RELEASE_BATCH, exclude=lock_key)
-        deletes = [op_delete(key) for key in discard]
+        discard = self._take_pending(RELEASE_BATCH, exclude=job_id)
+        deletes = [op for job in discard for op in self._cleanup_ops(job)]
         try:
             result = self._etcd.txn(
                 compare=[cmp_create_revision(lock_key, 0)],
-                success=[op_put(lock_key, value, grant.lease_id), *reads,
-                         *deletes],
+                success=[op_put(lock_key, value, grant.lease_id),
+                         op_put(record_key, record_value, records_lease,
+                                prev_kv=True),
+                         op_range(released_key), *reads, *deletes],
                 failure=[op_range(lock_key), *reads, *deletes],
             )
         except ServiceUnavailable:
@@ -137,19 +198,23 @@ class JobLocks:
         ranges = result.ranges()
         if result.succeeded:
             token = result.revision
-            if self._check_done and ranges and ranges[0]:
+            previous = result.previous()[1]
+            released = ranges[0][0] if ranges[0] else None
+            if self._check_done and ranges[1]:
                 try:
                     self.release(job_id, token)
                 except ServiceUnavailable:
                     self.release_later(job_id, token)
                 return LockOutcome("committed", token)
-            return LockOutcome("acquired", token,
-                               lock=JobLock(job_id, lock_key, token, self))
+            return LockOutcome(
+                "acquired", token, lock=JobLock(job_id, lock_key, token, self),
+                attempt=attempt_number(previous, released),
+                previous_holder=_holder(previous))
         lock_kvs = ranges[0] if ranges else []
         if self._check_done and len(ranges) > 1 and ranges[1]:
             return LockOutcome("committed")
         if not lock_kvs:  # released between compare and read: try again
-            return self.acquire(job_id, grant)
+            return self.acquire(job_id, grant, record)
         kv = lock_kvs[0]
         try:
             holder = json.loads(kv.value)
@@ -159,15 +224,31 @@ class JobLocks:
             # Our own put went through on a connection that then failed.
             token = kv.create_revision
             return LockOutcome("acquired", token,
-                               lock=JobLock(job_id, lock_key, token, self))
+                               lock=JobLock(job_id, lock_key, token, self),
+                               attempt=max(self.attempts(job_id), 1))
         return LockOutcome("held", holder=holder, holder_lease=kv.lease)
 
+    def attempts(self, job_id: str) -> int:
+        """How many holders took the job and did not give it back (the
+        current one included), read from etcd (``celery ares job``; a lost
+        lock reply)."""
+        result = self._etcd.txn(compare=[], success=[
+            op_range(self._keys.job_record(job_id)),
+            op_range(self._keys.released(job_id))])
+        record, released = (r[0] if r else None for r in result.ranges())
+        return attempt_number(record, released) - 1
+
     def release(self, job_id: str, token: int) -> bool:
-        """Delete the lock only if it is still ours (same create revision):
-        a plain DEL could remove the next holder's lock."""
+        """Give the lock back deliberately (no commit: a retry, a re-route,
+        a deferral): delete it only if it is still ours (same create
+        revision: a plain DEL could remove the next holder's lock), and
+        count the release so this tenure is not taken for a death."""
         lock_key = self._keys.lock(job_id)
-        result = self._etcd.txn(compare=[ownership_compare(lock_key, token)],
-                                success=[op_delete(lock_key)])
+        result = self._etcd.txn(
+            compare=[ownership_compare(lock_key, token)],
+            success=[op_delete(lock_key),
+                     op_put(self._keys.released(job_id), str(token),
+                            self.records_lease())])
         return result.succeeded
 
     def release_later(self, job_id: str, token: int) -> None:
@@ -196,8 +277,14 @@ class JobLocks:
         lock goes with its lease.
         """
         with self._pending_guard:
-            self._pending.setdefault(self._keys.lock(job_id), time.monotonic())
+            self._pending.setdefault(job_id, time.monotonic())
         self._ensure_releaser()
+
+    def _cleanup_ops(self, job_id: str) -> list[dict]:
+        """A committed job's keys: nobody needs them any more."""
+        return [op_delete(self._keys.lock(job_id)),
+                op_delete(self._keys.job_record(job_id)),
+                op_delete(self._keys.released(job_id))]
 
     def _ensure_releaser(self) -> None:
         if self._releaser is None or not self._releaser.is_alive():
@@ -217,9 +304,9 @@ class JobLocks:
             if not self._delete_batch(batch):
                 return
 
-    def _is_pending(self, key: str) -> bool:
+    def _is_pending(self, job_id: str) -> bool:
         with self._pending_guard:
-            return key in self._pending
+            return job_id in self._pending
 
     def _take_pending(self, limit: int, exclude: str = "",
                       older_than: float | None = None) -> list[str]:
@@ -240,14 +327,15 @@ class JobLocks:
             for key in keys:
                 self._pending.setdefault(key, now)
 
-    def _delete_batch(self, keys: list[str]) -> bool:
+    def _delete_batch(self, jobs: list[str]) -> bool:
         try:
-            self._etcd.txn(compare=[], success=[op_delete(k) for k in keys])
+            self._etcd.txn(compare=[], success=[
+                op for job in jobs for op in self._cleanup_ops(job)])
             return True
         except ServiceUnavailable as exc:
             logger.warning("ares: could not delete %d committed locks (%s); "
-                           "retrying", len(keys), exc)
-            self._restore_pending(keys)
+                           "retrying", len(jobs), exc)
+            self._restore_pending(jobs)
             return False
 
     def _retry_releases(self) -> None:

@@ -31,16 +31,18 @@ class PrefixWatch:
 
     ``on_snapshot(kvs, revision)`` receives a full listing (first, and after
     every restart): the reader replaces what it had. ``on_events(events)``
-    receives each batch of changes after it, in revision order. Both run in
-    the watch thread (or the caller's, for :meth:`list_once`).
+    receives each batch of changes after it, in revision order (with the
+    replaced or deleted key-value when ``prev_kv``). Both run in the watch
+    thread (or the caller's, for :meth:`list_once`).
     """
 
     def __init__(self, etcd: EtcdGateway, prefix: str,
                  on_snapshot: Callable[[list[KeyValue], int], None],
                  on_events: Callable[[list[WatchEvent]], None],
-                 name: str = "ares-watch") -> None:
+                 name: str = "ares-watch", prev_kv: bool = False) -> None:
         self._etcd = etcd
         self.prefix = prefix
+        self._prev_kv = prev_kv
         self._on_snapshot = on_snapshot
         self._on_events = on_events
         self._name = name
@@ -98,8 +100,8 @@ class PrefixWatch:
 
     def _follow(self) -> None:
         """Apply events until the stream ends or must be restarted."""
-        with self._etcd.watch_prefix(self.prefix,
-                                     self.revision + 1) as stream:
+        with self._etcd.watch_prefix(self.prefix, self.revision + 1,
+                                     prev_kv=self._prev_kv) as stream:
             self._stream = stream
             if self._stop.is_set():
                 return

@@ -37,6 +37,9 @@ class JobContext:
     #: Wall-clock time the lock Txn returned: when this holder's tenure began
     #: (what an audit compares with the previous holder's last valid moment).
     acquired_at: float = 0.0
+    #: 1 for the job's first holder; n when n - 1 holders before this one
+    #: died, hung or were cut off (a deliberate retry does not count).
+    attempt: int = 1
     keeper: Session | None = field(default=None, repr=False)
     #: The job's lock in etcd (its ownership compare, its release).
     lock: JobLock | None = field(default=None, repr=False)

@@ -14,12 +14,17 @@ from celery.exceptions import Ignore, Reject
 
 from .. import headers as wire
 from ..backends.store import FencedStore
-from ..errors import AresError, ServiceUnavailable
+from ..errors import AresError, AttemptsExhausted, ServiceUnavailable
 from ..headers import header
 from ..observability import events
-from ..observability.metrics import count_job_lock
+from ..observability.metrics import (
+    count_attempts_exhausted,
+    count_job_lock,
+    observe_attempt,
+)
 from . import context
 from .context import JobContext
+from .messages import job_message
 
 if TYPE_CHECKING:
     from celery import Task
@@ -59,7 +64,8 @@ class JobRuntime:
         services = self._services
         try:
             grant = services.keeper.current()
-            outcome = services.locks.acquire(job_id, grant)
+            outcome = services.locks.acquire(job_id, grant,
+                                             job_message(task, request))
             acquired_at = time.time()
         except ServiceUnavailable as exc:
             count_job_lock("unavailable")
@@ -87,19 +93,38 @@ class JobRuntime:
                          request_id=header(request, wire.REQUEST_ID),
                          fencing_token=token, task_name=task.name,
                          grant=grant, keeper=services.keeper,
-                         acquired_at=acquired_at, lock=outcome.lock)
+                         acquired_at=acquired_at, lock=outcome.lock,
+                         attempt=outcome.attempt)
         context.register(ctx)
         events.lease_taken(task, ctx)
+        observe_attempt(outcome.attempt)
+        limit = self.max_attempts(task)
+        if outcome.attempt > limit:
+            # Registered first: this FAILURE is committed with our token,
+            # so it is fenced like any result and ends the job for good.
+            count_attempts_exhausted()
+            holder = outcome.previous_holder or {}
+            raise AttemptsExhausted(
+                f"job {job_id} lost its holder {outcome.attempt - 1} times "
+                f"(max_attempts={limit}); the last holder was "
+                f"{holder.get('host')}:{holder.get('pid')}; not run again")
         return ctx
+
+    def max_attempts(self, task: Task) -> int:
+        """The task's ``max_attempts`` option, else ``ares_max_attempts``."""
+        own = getattr(task, "max_attempts", None)
+        return int(own) if own else self._services.settings.max_attempts
 
     def finish(self, job_id: str) -> None:
         """After the result is stored (or the run deferred): release."""
         ctx = context.unregister(job_id)
-        if ctx is None or ctx.released:
+        if ctx is None:
             return
         if ctx.committed:
+            # The lock may be gone with the commit already (etcd store);
+            # the job's record and release count go now too.
             self._services.locks.discard_after_commit(job_id)
-        else:
+        elif not ctx.released:
             self._release_quietly(job_id, ctx.fencing_token)
 
     # -- internals -------------------------------------------------------

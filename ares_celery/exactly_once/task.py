@@ -66,6 +66,12 @@ class ExactlyOnceTask(Task):
     def _after_body(self, ctx: context.JobContext) -> None:
         """Hook after the body, before the result is committed."""
 
+    def recovery_route(self, message: dict[str, Any]
+                       ) -> tuple[str, dict[str, Any]] | None:
+        """Where a recovered copy of this job's recorded ``message`` goes:
+        ``(queue, extra headers)``, or None for where it went before."""
+        return None
+
     def _finish_job(self, job_id: str) -> None:
         """After the result is stored (or the run deferred or skipped):
         give the lock back. Called from ``task_postrun``, which, unlike

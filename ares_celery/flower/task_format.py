@@ -19,7 +19,8 @@ from typing import Any
 
 #: In the order a job meets them: lease, placement, commit; then deferrals.
 ARES_FIELDS = (
-    "ares_request_id", "ares_fencing_token", "ares_lease_id", "ares_holder",
+    "ares_request_id", "ares_fencing_token", "ares_attempt", "ares_lease_id",
+    "ares_holder",
     "ares_host", "ares_gpus", "ares_gpu_uuids", "ares_placement_score",
     "ares_placement", "ares_queue", "ares_gpu_wait_s",
     "ares_commit", "ares_commit_token", "ares_fenced_by",

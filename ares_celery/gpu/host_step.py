@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from celery import bootsteps
 
-from ..errors import NvmlUnavailable
+from ..errors import NvmlUnavailable, ServiceUnavailable
 from ..observability.metrics import set_gpus_busy
 from ..services import Services
 from ..settings import AresSettings
@@ -93,6 +93,7 @@ class GpuHostStep(bootsteps.StartStopStep):
         self.publisher: InventoryPublisher | None = None
         self.janitor: DeadHostJanitor | None = None
         self._tref = None
+        self._queue_registered = False
         settings = self.settings
         if settings is None:
             return  # the unbound class: not installed by Ares
@@ -130,22 +131,44 @@ class GpuHostStep(bootsteps.StartStopStep):
             services.etcd, services.keys, host.topology,
             settings.lease_ttl, host.queue, worker=worker.hostname,
             busy_source=host.ledger.busy)
-        self.publisher.publish()
-        host.ledger.update_info(lease=self.publisher.lease_id)
-        register_host_queue(services, host.host, host.queue)
+        try:
+            self.publisher.publish()
+            host.ledger.update_info(lease=self.publisher.lease_id)
+        except ServiceUnavailable as exc:
+            # Not fatal: the refresh below publishes once etcd is back, and
+            # jobs wait (deferred) until then anyway.
+            logger.warning("ares: GPU host %s not registered yet, etcd is "
+                           "unavailable (%s); retrying every refresh",
+                           host.host, exc)
+        self._register_queue()
         interval = max(settings.lease_ttl / 3.0, 0.5)
         self._tref = worker.timer.call_repeatedly(interval, self.tick)
         self.janitor = DeadHostJanitor(worker.app, services, self.router,
                                        host.host, interval)
         self.janitor.start()
 
+    def _register_queue(self) -> bool:
+        """Remember our queue for the dead-host janitor (in Redis)."""
+        try:
+            register_host_queue(self.services, self.host.host,
+                                self.host.queue)
+            self._queue_registered = True
+        except ServiceUnavailable as exc:
+            logger.warning("ares: GPU host %s queue not registered yet: %s",
+                           self.host.host, exc)
+        return self._queue_registered
+
     def tick(self) -> None:
         """Re-publish after a lost lease; give back GPUs of dead processes."""
         if self.host is None or self.publisher is None:
             return
         try:
+            if not self._queue_registered:
+                self._register_queue()
             if self.publisher.ensure_published():
                 self.host.ledger.update_info(lease=self.publisher.lease_id)
+                logger.info("ares: GPU host %s registered (lease %x)",
+                            self.host.host, self.publisher.lease_id)
             if self.host.ledger.reap_dead():
                 self.host.publish()
         except Exception as exc:  # noqa: BLE001 - never kill the timer

@@ -83,6 +83,25 @@ class GpuTask(ExactlyOnceTask):
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
+    def recovery_route(self, message: dict[str, Any]
+                       ) -> tuple[str, dict[str, Any]] | None:
+        """A live host's queue, never the dead one's: the host the job was
+        routed to is left out unless no other host can take it (then it was
+        only the pool process that hung, and its host still serves)."""
+        headers = (message.get("options") or {}).get("headers") or {}
+        before = (headers.get(wire.ROUTE) or {}).get("host")
+        exclude = frozenset([before]) if before else frozenset()
+        try:
+            decision = self._worker_router.decide(self.gpu_request,
+                                                  exclude=exclude)
+        except AresError:
+            if not exclude:
+                raise
+            decision = self._worker_router.decide(self.gpu_request)
+        reroutes = int(headers.get(wire.REROUTES) or 0)
+        return decision.queue, {wire.ROUTE: decision.to_header(),
+                                wire.REROUTES: reroutes + 1}
+
     def _finish_job(self, job_id: str) -> None:
         """Give the lock back, then the GPUs (also on failure and retry)."""
         try:

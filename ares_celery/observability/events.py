@@ -87,6 +87,7 @@ def lease_taken(task: Task, ctx: JobContext) -> None:
     emit(task, "lease", ares_job_id=ctx.job_id,
          ares_request_id=ctx.request_id,
          ares_fencing_token=ctx.fencing_token,
+         ares_attempt=ctx.attempt,
          ares_lease_id=f"{grant.lease_id:x}" if grant else None,
          ares_holder=f"{socket.gethostname()}:{os.getpid()}")
 

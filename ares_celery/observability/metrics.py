@@ -29,6 +29,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REQUEST_OUTCOMES = ("new", "duplicate", "conflict")
 LOCK_OUTCOMES = ("acquired", "held_elsewhere", "committed", "unavailable")
 COMMIT_OUTCOMES = ("accepted", "fenced")
+#: Where a recovered job's message came from: its lock (it was running) or
+#: a worker's reservation (prefetched or waiting for its ETA).
+RECOVERY_SOURCES = ("lock", "reserved")
 #: GPU waits range from "free at once" to "queued behind a training run".
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                 60, 120, 300, 600)
@@ -67,20 +70,36 @@ class AresMetrics:
             "GPU allocations made by workers", registry=registry)
         # The busy count is host-wide (every pool process shares the ledger),
         # so the value written last is the truth: "mostrecent".
+        self.attempts = Histogram(
+            "ares_job_attempt",
+            "Attempt number of each holder that took a job's lock (1: the "
+            "first; more: earlier holders died, hung or were cut off)",
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 15, 20), registry=registry)
+        self.attempts_exhausted = Counter(
+            "ares_attempts_exhausted_total",
+            "Jobs committed as FAILURE (AttemptsExhausted): too many holders "
+            "lost", registry=registry)
+        self.recoveries = Counter(
+            "ares_recoveries_total",
+            "Jobs re-dispatched by the recoverer after their holder's or "
+            "their reserving worker's lease expired", ["source"],
+            registry=registry)
         self.gpus_busy = Gauge(
             "ares_gpus_busy", "GPUs allocated to running jobs, per host",
             ["host"], multiprocess_mode="mostrecent", registry=registry)
         # Every outcome exists from the start, so rate() works from zero.
         for counter, outcomes in ((self.requests, REQUEST_OUTCOMES),
                                   (self.job_locks, LOCK_OUTCOMES),
-                                  (self.commits, COMMIT_OUTCOMES)):
+                                  (self.commits, COMMIT_OUTCOMES),
+                                  (self.recoveries, RECOVERY_SOURCES)):
             for outcome in outcomes:
                 counter.labels(outcome)
 
     def unregister(self) -> None:
         for metric in (self.requests, self.leases_granted, self.leases_lost,
                        self.job_locks, self.commits, self.gpu_wait,
-                       self.gpu_allocations, self.gpus_busy):
+                       self.gpu_allocations, self.gpus_busy, self.attempts,
+                       self.attempts_exhausted, self.recoveries):
             try:
                 self.registry.unregister(metric)
             except KeyError:
@@ -142,6 +161,21 @@ def count_job_lock(outcome: str) -> None:
 @_never_raises
 def count_commit(outcome: str) -> None:
     metrics().commits.labels(outcome).inc()
+
+
+@_never_raises
+def observe_attempt(attempt: int) -> None:
+    metrics().attempts.observe(attempt)
+
+
+@_never_raises
+def count_attempts_exhausted() -> None:
+    metrics().attempts_exhausted.inc()
+
+
+@_never_raises
+def count_recovery(source: str) -> None:
+    metrics().recoveries.labels(source).inc()
 
 
 @_never_raises

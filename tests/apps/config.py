@@ -17,18 +17,10 @@ def make_app(name: str = "jobs", **overrides) -> tuple[Celery, Ares]:
     app.conf.update(
         ares_etcd_endpoints=os.environ.get("ARES_TEST_ETCD", "127.0.0.1:2379")
         .split(","),
+        # The lease timer is what takeover tests are about; they set it.
         ares_lease_ttl=int(os.environ.get("ARES_TEST_LEASE_TTL", "3")),
-        broker_transport_options={
-            "visibility_timeout": int(os.environ.get("ARES_TEST_VISIBILITY",
-                                                     "6")),
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-            # kombu's restore mutex outlives a SIGKILLed holder (or a Redis
-            # crash mid-restore) for this long; its default of 300 s would
-            # stall every redelivery for five minutes.
-            "unacked_mutex_expire": 10,
-        },
-        worker_prefetch_multiplier=1,
+        # The broker as users run it: kombu's defaults (an hour of
+        # visibility timeout, its restore sweeps) and Celery's prefetch.
         ares_republish_after=float(
             os.environ.get("ARES_TEST_REPUBLISH_AFTER", "600")),
         # One GPU ledger dir per test session: two sessions on one machine

@@ -82,7 +82,8 @@ def blocking(value, timeout=120):
     ctx = ares.current()
     record_execution(ctx.job_id, ctx.fencing_token)
     _store.rpush(f"test:started:{ctx.job_id}", json.dumps(
-        {"pid": os.getpid(), "token": ctx.fencing_token}))
+        {"pid": os.getpid(), "token": ctx.fencing_token,
+         "attempt": ctx.attempt, "at": time.time()}))
     wait_released([f"test:release:{ctx.job_id}:{ctx.fencing_token}",
                    f"test:release:{ctx.job_id}"], timeout)
     fenced_side_effect(ctx.job_id, ctx.fencing_token, str(value))
@@ -109,6 +110,15 @@ def overtime(value):
     time.sleep(60)
 
 
+@ares.task(name="jobs.poison", max_attempts=3)
+def poison(value):
+    """Takes its worker process down with it, every time (a segfault, an
+    OOM kill): a poison job."""
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    os._exit(1)
+
+
 @ares.task(name="jobs.fail")
 def fail(message):
     ctx = ares.current()
@@ -124,7 +134,8 @@ def flaky(self, value):
     if self.request.retries == 0:
         raise self.retry(countdown=0.1)
     return {"value": value, "retries": self.request.retries,
-            "job_id": ctx.job_id, "token": ctx.fencing_token}
+            "job_id": ctx.job_id, "token": ctx.fencing_token,
+            "attempt": ctx.attempt}
 
 
 def _gpu_body(name, hold):

@@ -136,9 +136,12 @@ def test_retry_of_an_existing_gpu_job_needs_no_gpu_host(jobs, store):
     assert cache.wait_for(lambda h: "retryhost" not in h, 20)
     with pytest.raises(NoGpuHosts):   # nothing could route a new job now
         jobs.gpu2.apply_async(kwargs={"hold": 0}, request_id="gpu-new-no-host")
+    # (A delivery the stopped worker had not acknowledged yet may be back
+    # in the queue: what counts is that the retry adds nothing.)
+    queued = store.llen("ares.gpu.retryhost")
     again = jobs.gpu2.apply_async(kwargs={"hold": 0},
                                   request_id="gpu-retry-no-host")
     assert again.id == first.id
     assert again.get(timeout=5) == committed
     assert committed["host"] == "retryhost"
-    assert store.llen("ares.gpu.retryhost") == 0   # nothing published again
+    assert store.llen("ares.gpu.retryhost") == queued

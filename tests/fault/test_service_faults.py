@@ -74,17 +74,28 @@ def persistent_broker(services):
 
 def test_broker_restart_with_in_flight_jobs_commits_each_once(
         etcd, persistent_broker):
+    """Two jobs running, four prefetched, then the broker is SIGKILLed and
+    restarted. The worker (supervised, as production must be: kombu can end
+    it when its connection drops while it holds unacked messages) or the
+    recoverer publishes the prefetched ones again: with the default one-hour
+    visibility timeout, waiting for Redis to give them back is no option."""
     server, app, slow, store = persistent_broker
     worker = WorkerProcess(app, concurrency=2, env={
         "ARES_TEST_BROKER": f"{server.url}/0"}).start()
     try:
-        results = [slow.apply_async((i, 1.5), request_id=f"inflight-{i}")
-                   for i in range(6)]
-        wait_for(lambda: etcd.count_prefix(LOCKS) >= 2, 20,
-                 "two jobs in flight")
-        server.kill()
-        server.start()
-        values = [r.get(timeout=90) for r in results]
+        with worker.supervise() as supervisor:
+            results = [slow.apply_async((i, 1.5), request_id=f"inflight-{i}")
+                       for i in range(6)]
+            wait_for(lambda: etcd.count_prefix(LOCKS) >= 2, 20,
+                     "two jobs in flight")
+            # Recorded as held (a worker that dies within milliseconds of
+            # receiving a message leaves it to the broker's redelivery).
+            wait_for(lambda: etcd.count_prefix(KEYS.reserved_prefix()) >= 6,
+                     10, "the six messages recorded as held")
+            server.kill()
+            server.start()
+            values = [r.get(timeout=90) for r in results]
+        print(f"\nworker restarts: {supervisor.restarts}")
         assert [v["value"] for v in values] == list(range(6))
         for r, value in zip(results, values, strict=True):
             runs = executions(store, r.id)

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from ares_celery.coordination.mutex import JobLocks
+from ares_celery.coordination.session import LeaseGrant
 from ares_celery.gpu import mock_topology
 from ares_celery.gpu.inventory import InventoryPublisher
 from ares_celery.keys import Keys
@@ -110,3 +112,15 @@ def test_job_shows_committed_result_and_release_refuses_live_holder(
     assert done.returncode == 0 and "released" in done.stdout
     assert etcd.get(KEYS.lock("stuck-job")) is None
     assert "no lock held" in celery("release", "stuck-job").stdout
+
+
+def test_job_shows_attempts(etcd):
+    locks = JobLocks(etcd, KEYS)
+    job = "22222222-2222-2222-2222-222222222222"
+    for _ in range(2):   # two holders whose leases ended: two attempts
+        lease = etcd.grant_lease(30)
+        locks.acquire(job, LeaseGrant(lease, 1), {"task": "jobs.record"})
+        etcd.revoke_lease(lease)
+    out = celery("job", job)
+    assert out.returncode == 0, out.stderr
+    assert "attempts   2 " in out.stdout

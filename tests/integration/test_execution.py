@@ -107,6 +107,7 @@ def test_self_retry_keeps_job_id_and_runs_again(jobs, worker, store):
     result = jobs.flaky.apply_async(("r",), request_id="retry-me")
     value = result.get(timeout=30)
     assert value["job_id"] == result.id and value["retries"] == 1
+    assert value["attempt"] == 1   # Celery's own retry is not a lost holder
     runs = executions(store, result.id)
     assert len(runs) == 2
     assert runs[1]["token"] > runs[0]["token"]

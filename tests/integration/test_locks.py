@@ -3,10 +3,12 @@ must not leave the job locked for as long as the worker process lives."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ares_celery.coordination.mutex import JobLocks
-from ares_celery.coordination.session import Session
+from ares_celery.coordination.session import LeaseGrant, Session
 from ares_celery.errors import ServiceUnavailable
 from ares_celery.keys import Keys
 from tests.processes import wait_for
@@ -66,3 +68,43 @@ def test_lock_txn_applied_but_reply_lost_is_cleaned_up(etcd, monkeypatch):
         assert locks.acquire("ghost-job", grant).status == "acquired"
     finally:
         keeper.close()
+
+
+def test_attempts_count_holders_that_did_not_give_the_job_back(etcd):
+    """The lock Txn counts holders (job record version) and deliberate
+    releases (released key version): a holder whose lease just ended is an
+    attempt, a retry's release is not."""
+    locks = JobLocks(etcd, KEYS)
+    job = "attempts-job"
+
+    def take():
+        lease = etcd.grant_lease(30)
+        return lease, locks.acquire(job, LeaseGrant(lease, 1),
+                                    {"task": "jobs.record", "args": [1]})
+
+    lease, first = take()
+    assert first.attempt == 1 and first.previous_holder is None
+    assert locks.release(job, first.token)       # a retry: given back
+    lease, second = take()
+    assert second.attempt == 1
+    etcd.revoke_lease(lease)                      # this holder dies
+    third_lease, third = take()
+    assert third.attempt == 2
+    assert third.previous_holder["lease"] == lease
+    assert locks.attempts(job) == 2
+    record = json.loads(etcd.get(KEYS.job_record(job)).value)
+    assert record["task"] == "jobs.record" and record["args"] == [1]
+    assert record["holder"]["lease"] == third_lease
+
+
+def test_a_committed_job_leaves_no_keys_behind(etcd):
+    locks = JobLocks(etcd, KEYS)
+    lease = etcd.grant_lease(30)
+    outcome = locks.acquire("clean-job", LeaseGrant(lease, 1), {"task": "t"})
+    locks.release("clean-job", outcome.token)
+    locks.acquire("clean-job", LeaseGrant(lease, 1), {"task": "t"})
+    locks.discard_after_commit("clean-job")
+    locks.flush()
+    for key in (KEYS.lock("clean-job"), KEYS.job_record("clean-job"),
+                KEYS.released("clean-job")):
+        assert etcd.get(key) is None, key
