@@ -32,7 +32,9 @@ class WorkerProcess:
         self.name = name or f"w{uuid.uuid4().hex[:6]}@test"
         self.concurrency = concurrency
         self.pool = pool
-        self.env = dict(os.environ, **(env or {}))
+        # The worker loads ``module`` with this app's broker.
+        self.env = {**os.environ, "ARES_TEST_BROKER": app.conf.broker_url,
+                    **(env or {})}
         self.log = Path(tempfile.mkstemp(prefix="ares-worker-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 

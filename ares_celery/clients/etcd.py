@@ -459,21 +459,25 @@ class EtcdGateway:
         kvs = resp.get("kvs") or []
         return KeyValue.from_json(kvs[0]) if kvs else None
 
-    def range_prefix_with_revision(self, prefix: str
+    def range_prefix_with_revision(self, prefix: str, keys_only: bool = False
                                    ) -> tuple[list[KeyValue], int]:
-        """All keys under ``prefix`` and the revision they were read at,
-        so a watch can continue from exactly there."""
+        """All keys under ``prefix`` (without values if ``keys_only``) and
+        the revision they were read at, so a watch can continue from
+        exactly there."""
         resp = self._post("/kv/range", {"key": b64(prefix),
-                                        "range_end": b64(prefix_end(prefix))})
+                                        "range_end": b64(prefix_end(prefix)),
+                                        "keys_only": keys_only})
         kvs = [KeyValue.from_json(kv) for kv in resp.get("kvs") or []]
         return kvs, int(resp.get("header", {}).get("revision", 0))
 
     def watch_prefix(self, prefix: str, start_revision: int,
-                     prev_kv: bool = False) -> WatchStream:
+                     prev_kv: bool = False,
+                     deletes_only: bool = False) -> WatchStream:
         """A stream of changes under ``prefix`` from ``start_revision`` on,
         from the endpoint that answered last, with the same TLS files and
         auth token as unary calls (``prev_kv``: each event carries the
-        key-value it replaced or deleted). Raises
+        key-value it replaced or deleted; ``deletes_only``: etcd leaves PUT
+        events out, the NOPUT filter). Raises
         :class:`ServiceUnavailable` if the stream cannot be opened."""
         host, port = self.endpoints[self._preferred]
         session = requests.Session()
@@ -489,6 +493,8 @@ class EtcdGateway:
         body = {"create_request": {
             "key": b64(prefix), "range_end": b64(prefix_end(prefix)),
             "start_revision": str(start_revision), "prev_kv": prev_kv}}
+        if deletes_only:
+            body["create_request"]["filters"] = ["NOPUT"]
         try:
             response = session.post(url, json=body, stream=True,
                                     timeout=(self.timeout, None))

@@ -39,10 +39,12 @@ class PrefixWatch:
     def __init__(self, etcd: EtcdGateway, prefix: str,
                  on_snapshot: Callable[[list[KeyValue], int], None],
                  on_events: Callable[[list[WatchEvent]], None],
-                 name: str = "ares-watch", prev_kv: bool = False) -> None:
+                 name: str = "ares-watch", prev_kv: bool = False,
+                 deletes_only: bool = False) -> None:
         self._etcd = etcd
         self.prefix = prefix
         self._prev_kv = prev_kv
+        self._deletes_only = deletes_only
         self._on_snapshot = on_snapshot
         self._on_events = on_events
         self._name = name
@@ -68,7 +70,8 @@ class PrefixWatch:
 
     def list_once(self) -> None:
         """One listing, no watch (CLI, scripts, one-shot sweeps)."""
-        kvs, revision = self._etcd.range_prefix_with_revision(self.prefix)
+        kvs, revision = self._etcd.range_prefix_with_revision(
+            self.prefix, keys_only=self._deletes_only)
         self._on_snapshot(kvs, revision)
         self.revision = revision
         self._synced.set()
@@ -101,7 +104,9 @@ class PrefixWatch:
     def _follow(self) -> None:
         """Apply events until the stream ends or must be restarted."""
         with self._etcd.watch_prefix(self.prefix, self.revision + 1,
-                                     prev_kv=self._prev_kv) as stream:
+                                     prev_kv=self._prev_kv,
+                                     deletes_only=self._deletes_only) \
+                as stream:
             self._stream = stream
             if self._stop.is_set():
                 return

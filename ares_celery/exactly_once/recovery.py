@@ -51,6 +51,14 @@ REMEMBERED = 10_000
 #: Where a job that could not be re-published goes: tried again this often.
 RETRY_S = 1.0
 
+#: A re-dispatched job that no new holder took after this long is published
+#: again (doubling, up to :data:`RECHECK_MAX_S`, at most
+#: :data:`RECHECKS` times): RabbitMQ hands new messages to a hung but
+#: connected consumer too, as long as it has prefetch credit left.
+RECHECK_S = 2.0
+RECHECK_MAX_S = 16.0
+RECHECKS = 6
+
 #: Followers keep deletions this long, for the leader that comes next; a
 #: leader dies unnoticed for at most its lease TTL, added to this.
 BACKLOG_S = 30.0
@@ -100,11 +108,12 @@ class Recoverer:
                                   keys.election("recoverer"), self._leading)
         self._locks = PrefixWatch(services.etcd, keys.lock_prefix(),
                                   _ignore_snapshot, self._lock_events,
-                                  name="ares-recover-locks", prev_kv=True)
+                                  name="ares-recover-locks", prev_kv=True,
+                                  deletes_only=True)
         self._workers = PrefixWatch(services.etcd, keys.workers_prefix(),
                                     _ignore_snapshot, self._worker_events,
                                     name="ares-recover-workers",
-                                    prev_kv=True)
+                                    prev_kv=True, deletes_only=True)
         self._liveness = LeaseLiveness(services)
         self._done: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._work: queue.Queue = queue.Queue()
@@ -115,6 +124,8 @@ class Recoverer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_sweep = 0.0
+        # Job id -> (due, delay, tries left, lease, message, record revision)
+        self._follow_ups: dict[str, tuple] = {}
         #: Jobs re-dispatched by this process (tests, metrics).
         self.recovered = 0
 
@@ -187,10 +198,21 @@ class Recoverer:
     def _run(self) -> None:
         retry: list[tuple] = []
         while not self._stop.is_set():
+            timeout = RETRY_S if retry else None
+            if self._follow_ups:
+                due = min(f[0] for f in self._follow_ups.values())
+                wait = max(due - time.monotonic(), 0.01)
+                timeout = wait if timeout is None else min(timeout, wait)
             try:
-                item = self._work.get(timeout=RETRY_S if retry else None)
+                item = self._work.get(timeout=timeout)
             except queue.Empty:
                 item = None
+            if self._stop.is_set():
+                return
+            try:
+                self._follow_up()
+            except (AresError, ServiceUnavailable) as exc:
+                logger.info("ares: recovery follow-up postponed: %s", exc)
             if self._stop.is_set():
                 return
             if item is None:
@@ -233,7 +255,8 @@ class Recoverer:
             return  # committed and cleaned up
         if etcd.get(keys.lock(job_id)) is not None:
             return  # someone holds it again already
-        self._dispatch(job_id, prev.lease, json.loads(record.value), "lock")
+        self._dispatch(job_id, prev.lease, json.loads(record.value), "lock",
+                       record.mod_revision)
 
     def _recover_worker(self, lease: int) -> None:
         """Publish again every message the dead worker on ``lease`` held,
@@ -255,21 +278,27 @@ class Recoverer:
         whose lock is gone, that were not given back and not committed."""
         self._next_sweep = time.monotonic() + self._sweep_every
         etcd, keys = self._services.etcd, self._services.keys
-        reserved, _ = etcd.range_prefix_with_revision(keys.reserved_prefix())
+        reserved, _ = etcd.range_prefix_with_revision(keys.reserved_prefix(),
+                                                      keys_only=True)
         leases = {int(kv.key[len(keys.reserved_prefix()):].split("/", 1)[0],
                       16) for kv in reserved}
         for lease in leases:
             if self._liveness.dead(lease):
                 self._recover_worker(lease)
-        records, _ = etcd.range_prefix_with_revision(keys.job_record_prefix())
+        records, _ = etcd.range_prefix_with_revision(keys.job_record_prefix(),
+                                                     keys_only=True)
         if not records:
             return
         locked = {kv.key.rsplit("/", 1)[-1] for kv in
-                  etcd.range_prefix_with_revision(keys.lock_prefix())[0]}
-        for record in records:
-            job_id = record.key.rsplit("/", 1)[-1]
+                  etcd.range_prefix_with_revision(keys.lock_prefix(),
+                                                  keys_only=True)[0]}
+        for listed in records:
+            job_id = listed.key.rsplit("/", 1)[-1]
             if job_id in locked:
                 continue
+            record = etcd.get(listed.key)
+            if record is None:
+                continue  # committed meanwhile
             released = etcd.get(keys.released(job_id))
             if released is not None and \
                     released.mod_revision > record.mod_revision:
@@ -277,29 +306,62 @@ class Recoverer:
             message = json.loads(record.value)
             lease = int((message.get("holder") or {}).get("lease") or 0)
             if self._liveness.dead(lease):
-                self._dispatch(job_id, lease, message, "lock")
+                self._dispatch(job_id, lease, message, "lock",
+                               record.mod_revision)
 
     def _dispatch(self, job_id: str, lease: int, message: dict[str, Any],
-                  source: str) -> None:
+                  source: str, revision: int = 0) -> None:
         if (job_id, lease) in self._done:
             return
+        route = self._publish(message)
+        self._done[(job_id, lease)] = None
+        while len(self._done) > REMEMBERED:
+            self._done.popitem(last=False)
+        if revision:
+            self._follow_ups[job_id] = (time.monotonic() + RECHECK_S,
+                                        RECHECK_S, RECHECKS, lease, message,
+                                        revision)
+        self.recovered += 1
+        count_recovery(source)
+        logger.warning("ares: job %s re-dispatched%s: its %s lease %x "
+                       "expired", job_id, f" to {route}" if route else "",
+                       "holder's" if source == "lock" else "worker's", lease)
+
+    def _follow_up(self) -> None:
+        """Publish again the re-dispatched jobs nobody took yet: the job's
+        record is unchanged (no new holder put it) and it has no lock."""
+        if not self._follow_ups or not self.leading:
+            return
+        etcd, keys = self._services.etcd, self._services.keys
+        now = time.monotonic()
+        for job_id, entry in list(self._follow_ups.items()):
+            due, delay, left, lease, message, revision = entry
+            if due > now:
+                continue
+            record = etcd.get(keys.job_record(job_id))
+            if record is None or record.mod_revision != revision \
+                    or etcd.get(keys.lock(job_id)) is not None or left <= 0:
+                del self._follow_ups[job_id]
+                continue
+            self._publish(message)
+            logger.warning("ares: job %s not taken %.0fs after its "
+                           "re-dispatch; published again", job_id, delay)
+            delay = min(delay * 2, RECHECK_MAX_S)
+            self._follow_ups[job_id] = (now + delay, delay, left - 1, lease,
+                                        message, revision)
+
+    def _publish(self, message: dict[str, Any]) -> str | None:
+        """Publish a recorded message; returns the queue it was re-routed
+        to, if it was."""
         task = self._app.tasks.get(message["task"])
         route = task.recovery_route(message) \
             if isinstance(task, ExactlyOnceTask) else None
         if route is None:
             publish_message(self._app, message)
-        else:
-            queue_name, headers = route
-            publish_message(self._app, message, queue=queue_name,
-                            headers=headers)
-        self._done[(job_id, lease)] = None
-        while len(self._done) > REMEMBERED:
-            self._done.popitem(last=False)
-        self.recovered += 1
-        count_recovery(source)
-        logger.warning("ares: job %s re-dispatched%s: its %s lease %x "
-                       "expired", job_id, f" to {route[0]}" if route else "",
-                       "holder's" if source == "lock" else "worker's", lease)
+            return None
+        queue_name, headers = route
+        publish_message(self._app, message, queue=queue_name, headers=headers)
+        return queue_name
 
 
 def _ignore_snapshot(kvs: list[KeyValue], revision: int) -> None:

@@ -61,6 +61,11 @@ BATCH_S = 0.01
 #: An arrival not yet in Celery's books is kept this long.
 ARRIVAL_GRACE_S = 1.0
 
+#: A dropped message is published again only after this long, and only if
+#: the worker is still running then: a worker that is stopping drops what
+#: it prefetched too (and hands it back to the broker itself).
+DROP_GRACE_S = 2.0
+
 
 def held_requests() -> list[Any]:
     """Every request this worker holds and has not finished: reserved,
@@ -92,13 +97,16 @@ class ReservationTracker:
         self._wanted = wanted
         self._held = held
         self._guard = threading.Lock()
-        self._desired: dict[str, dict[str, Any]] = {}
+        # Job id -> the held request (its message is built by the writer
+        # thread, off the event loop, and only if still held by then).
+        self._desired: dict[str, Any] = {}
+        self._messages: dict[str, dict[str, Any]] = {}
         # Job id -> when it arrived, until Celery's books show it.
         self._arrived: dict[str, float] = {}
         # Strong references: Celery's own sets are weak, and a dropped
         # request must still say whether it was acknowledged.
         self._seen: dict[str, Any] = {}
-        self._dropped: list[dict[str, Any]] = []
+        self._dropped: list[tuple[float, Any]] = []
         self._written: dict[str, int] = {}   # job id -> lease it is under
         self._present = 0                     # lease our presence key is on
         self._wake = threading.Event()
@@ -115,14 +123,8 @@ class ReservationTracker:
         with the next batch."""
         if not self._wanted(request):
             return
-        try:
-            message = reserved_message(request)
-        except Exception as exc:  # noqa: BLE001 - never break consuming
-            logger.debug("ares: cannot record message %s: %s", request.id,
-                         exc)
-            return
         with self._guard:
-            self._desired[request.id] = message
+            self._desired[request.id] = request
             self._arrived[request.id] = time.monotonic()
         self._wake.set()
 
@@ -136,17 +138,9 @@ class ReservationTracker:
                 held[request.id] = request
         with self._guard:
             known = self._desired
-            desired = {job_id: known[job_id] for job_id in held
-                       if job_id in known}
-            for job_id, request in held.items():
-                if job_id not in desired:
-                    try:
-                        desired[job_id] = reserved_message(request)
-                    except Exception:  # noqa: BLE001 - try next time
-                        continue
-            dropped = [known[job_id] for job_id, request in self._seen.items()
-                       if job_id not in held and job_id in known
-                       and not request.acknowledged]
+            desired = dict(held)
+            dropped = [request for job_id, request in self._seen.items()
+                       if job_id not in held and not request.acknowledged]
             if dropped and shutting_down():
                 dropped = []  # Celery hands them back to the broker itself
             # Arrived but not in the books yet (a threads pool reads them
@@ -158,7 +152,8 @@ class ReservationTracker:
                 if job_id in known:
                     desired.setdefault(job_id, known[job_id])
             self._desired = desired
-            self._dropped.extend(dropped)
+            now = time.monotonic()
+            self._dropped.extend((now, request) for request in dropped)
         self._seen = held
         self._wake.set()
 
@@ -182,45 +177,76 @@ class ReservationTracker:
                 self._stop.wait(SYNC_INTERVAL_S)
 
     def _republish_dropped(self) -> None:
+        ripe_before = time.monotonic() - DROP_GRACE_S
         with self._guard:
-            dropped, self._dropped = self._dropped, []
-        for index, message in enumerate(dropped):
+            if shutting_down() or self._stop.is_set():
+                self._dropped = []
+                return
+            ripe = [m for at, m in self._dropped if at <= ripe_before]
+            self._dropped = [(at, m) for at, m in self._dropped
+                             if at > ripe_before]
+        for index, request in enumerate(ripe):
+            message = self._message(request)
+            if message is None:
+                continue
             try:
                 publish_message(self._app, message)
             except Exception as exc:  # noqa: BLE001 - broker still away
                 logger.info("ares: could not publish a dropped message "
                             "again yet: %s", exc)
                 with self._guard:
-                    self._dropped[:0] = dropped[index:]
+                    self._dropped[:0] = [(0.0, m) for m in ripe[index:]]
                 return
             logger.warning(
                 "ares: job %s was dropped unacknowledged by this worker "
                 "(broker connection lost); published it again",
                 (message.get("options") or {}).get("task_id"))
 
+    def _message(self, request: Any) -> dict[str, Any] | None:
+        message = self._messages.get(request.id)
+        if message is None:
+            try:
+                message = reserved_message(request)
+            except Exception as exc:  # noqa: BLE001 - cannot record it
+                logger.debug("ares: cannot record message %s: %s",
+                             request.id, exc)
+                return None
+            self._messages[request.id] = message
+        return message
+
     def _sync(self) -> None:
-        self._republish_dropped()
+        if self._dropped:
+            self._republish_dropped()
         with self._guard:
-            desired = dict(self._desired)
+            desired = {job_id: request
+                       for job_id, request in self._desired.items()
+                       if not request.acknowledged}
         written = self._written
         if not desired and not written:
             return
         keys, locks = self._services.keys, self._services.locks
         lease = self._services.keeper.current().lease_id
         ops = []
-        if self._present != lease:
-            # Present on our lease before (or with) the first record under
-            # it: whoever sees the presence key go recovers the records.
-            ops.append(op_put(keys.worker(lease), "", lease))
-        for job_id, message in desired.items():
+        for job_id, request in desired.items():
             if written.get(job_id) != lease:
+                message = self._message(request)
+                if message is None:
+                    continue
                 ops.append(op_put(keys.reserved(lease, job_id),
                                   json.dumps(message), locks.records_lease()))
+        if ops and self._present != lease:
+            # Present on our lease with the first record under it: whoever
+            # sees the presence key go recovers the records.
+            ops.insert(0, op_put(keys.worker(lease), "", lease))
         for job_id, under in written.items():
             if job_id not in desired or under != lease:
                 ops.append(op_delete(keys.reserved(under, job_id)))
+        self._messages = {job_id: m for job_id, m in self._messages.items()
+                          if job_id in desired}
         if not ops:
             return
         self._services.etcd.txn(compare=[], success=ops)
-        self._present = lease
-        self._written = {job_id: lease for job_id in desired}
+        if any("request_put" in op for op in ops):
+            self._present = lease
+        self._written = {job_id: lease for job_id in desired
+                         if job_id in self._messages}

@@ -15,6 +15,9 @@ def make_app(name: str = "jobs", **overrides) -> tuple[Celery, Ares]:
     broker = overrides.pop("broker", None) or os.environ["ARES_TEST_BROKER"]
     app = Celery(name, broker=broker)
     app.conf.update(
+        # Dedup records and results: the test session's Redis, whatever
+        # the broker is.
+        ares_redis_url=os.environ.get("ARES_TEST_REDIS") or broker,
         ares_etcd_endpoints=os.environ.get("ARES_TEST_ETCD", "127.0.0.1:2379")
         .split(","),
         # The lease timer is what takeover tests are about; they set it.
@@ -29,5 +32,15 @@ def make_app(name: str = "jobs", **overrides) -> tuple[Celery, Ares]:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
+    if broker.startswith("amqp"):
+        # Publisher confirms: the durable RabbitMQ setup we document (a
+        # publish returns once the broker has the message).
+        app.conf.broker_transport_options = {"confirm_publish": True}
+        if os.environ.get("ARES_TEST_QUEUE_TYPE"):
+            # Quorum queues (the other half of that setup) on a queue of
+            # their own: RabbitMQ keeps a queue's type for its life.
+            app.conf.task_default_queue_type = os.environ[
+                "ARES_TEST_QUEUE_TYPE"]
+            app.conf.task_default_queue = os.environ["ARES_TEST_QUEUE"]
     app.conf.update(overrides)
     return app, Ares(app)

@@ -19,7 +19,7 @@ from tests.apps.config import make_app
 from tests.records import executions_key
 
 app, ares = make_app()
-_store = redis.Redis.from_url(os.environ["ARES_TEST_BROKER"])
+_store = redis.Redis.from_url(os.environ["ARES_TEST_REDIS"])
 
 
 RELEASE_CHANNEL = "test:release"

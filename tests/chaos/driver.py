@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ares_celery.exactly_once.identity import job_id_for
-from ares_celery.testing import EtcdCluster, RedisServer
+from ares_celery.testing import EtcdCluster, RabbitMQServer, RedisServer
 from ares_celery.testing.servers import wait_until
 from tests.chaos.audit import NAMESPACE, audit_run
 from tests.chaos.clients import client_main
@@ -62,7 +62,11 @@ class ChaosConfig:
     #: Faults beyond one of each kind.
     extra_faults: int = 0
     lease_ttl: int = 3
-    visibility: int = 6
+    #: "redis" (broker, dedup and results in one Redis) or "rabbitmq" (the
+    #: broker a private RabbitMQ node with publisher confirms; the Redis
+    #: still holds dedup records and results). Broker settings are kombu's
+    #: defaults either way: takeover is the lease's job.
+    broker: str = "redis"
     deadline: float = 240.0
     #: ``ares_republish_after``: the driver re-submits what has not committed
     #: after this long, as a retrying client would, healing lost messages.
@@ -81,6 +85,8 @@ class ChaosRun:
         self.report = ChaosReport(self.seed, config)
         self.workers = []
         self.redis = RedisServer(persist=True)
+        self.rabbitmq = RabbitMQServer() if config.broker == "rabbitmq" \
+            else None
         self.effects_server = RedisServer()
         self.etcd = EtcdCluster(3)
 
@@ -88,17 +94,20 @@ class ChaosRun:
 
     def _env(self) -> dict:
         return {
-            "ARES_TEST_BROKER": f"{self.redis.url}/0",
+            "ARES_TEST_BROKER": self.rabbitmq.url if self.rabbitmq
+            else f"{self.redis.url}/0",
+            "ARES_TEST_REDIS": f"{self.redis.url}/0",
             "ARES_TEST_ETCD": ",".join(self.etcd.endpoints),
             "ARES_CHAOS_EFFECTS": f"{self.effects_server.url}/0",
             "ARES_TEST_LEASE_TTL": str(self.config.lease_ttl),
-            "ARES_TEST_VISIBILITY": str(self.config.visibility),
             "ARES_TEST_STATE_DIR": str(self.tmp / "ledgers"),
             "ARES_TEST_REPUBLISH_AFTER": str(self.config.republish_after),
         }
 
     def _start_services(self) -> None:
         self.redis.start()
+        if self.rabbitmq is not None:
+            self.rabbitmq.start()
         self.effects_server.start()
         self.etcd.start()
         (self.tmp / "ledgers").mkdir()
@@ -187,7 +196,7 @@ class ChaosRun:
                     continue          # it finished first: not a zombie
                 self._wait(lambda j=job, t=token: any(
                     int(r["token"]) > int(t) for r in self.chaos.audit(j)),
-                    self.config.visibility * 4 + 20,
+                    self.config.lease_ttl * 4 + 20,
                     f"job {job} to be taken over")
             finally:
                 worker.resume()
@@ -310,6 +319,8 @@ class ChaosRun:
                 worker.stop()
             self._keep_logs_if_failed()
             self.redis.cleanup()
+            if self.rabbitmq is not None:
+                self.rabbitmq.cleanup()
             self.effects_server.cleanup()
             self.etcd.cleanup()
         return self.report
@@ -376,12 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--extra-faults", type=int, default=0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--broker", choices=("redis", "rabbitmq"),
+                        default="redis")
     parser.add_argument("--report-json", type=Path,
                         help="also write the report's figures here")
     args = parser.parse_args(argv)
     report = run_chaos(ChaosConfig(jobs=args.jobs, seed=args.seed,
                                    extra_faults=args.extra_faults,
-                                   clients=args.clients))
+                                   clients=args.clients,
+                                   broker=args.broker))
     print(report.table(), flush=True)
     if args.report_json:
         args.report_json.write_text(json.dumps(report.summary()))

@@ -21,12 +21,13 @@ from tests.processes import ROOT
 pytestmark = [pytest.mark.fault, pytest.mark.chaos, pytest.mark.timeout(900)]
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_randomized_faults_every_request_commits_exactly_once(
-        tmp_path, capsys):
+        tmp_path, capsys, broker):
     jobs = int(os.environ.get("ARES_CHAOS_JOBS", "200"))
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "tests.chaos.driver", "--jobs", str(jobs),
-           "--report-json", str(out)]
+           "--broker", broker, "--report-json", str(out)]
     if os.environ.get("ARES_CHAOS_SEED"):
         cmd += ["--seed", os.environ["ARES_CHAOS_SEED"]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,

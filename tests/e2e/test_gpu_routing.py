@@ -121,7 +121,7 @@ def test_concurrent_mixed_jobs_never_share_a_gpu(jobs, cluster, store):
     assert assert_all_free(cache)
 
 
-def test_retry_of_an_existing_gpu_job_needs_no_gpu_host(jobs, store):
+def test_retry_of_an_existing_gpu_job_needs_no_gpu_host(jobs, store, broker):
     """Dedup comes before routing: once a GPU job exists, a client retry
     with its request id returns it even when no GPU host is registered at
     that moment (it used to raise NoGpuHosts)."""
@@ -138,10 +138,10 @@ def test_retry_of_an_existing_gpu_job_needs_no_gpu_host(jobs, store):
         jobs.gpu2.apply_async(kwargs={"hold": 0}, request_id="gpu-new-no-host")
     # (A delivery the stopped worker had not acknowledged yet may be back
     # in the queue: what counts is that the retry adds nothing.)
-    queued = store.llen("ares.gpu.retryhost")
+    queued = broker.queue_length("ares.gpu.retryhost")
     again = jobs.gpu2.apply_async(kwargs={"hold": 0},
                                   request_id="gpu-retry-no-host")
     assert again.id == first.id
     assert again.get(timeout=5) == committed
     assert committed["host"] == "retryhost"
-    assert store.llen("ares.gpu.retryhost") == queued
+    assert broker.queue_length("ares.gpu.retryhost") == queued

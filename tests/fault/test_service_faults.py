@@ -52,6 +52,32 @@ def test_etcd_down_ten_seconds_nothing_runs_nothing_is_lost(
         worker.stop()
 
 
+def test_gpu_worker_starting_while_etcd_is_down_serves_once_it_is_back(
+        jobs, store, etcd_server):
+    """It used to exit with "Unrecoverable error"; now it logs, waits and
+    registers its GPUs when etcd returns, then runs GPU jobs."""
+    etcd_server.stop()
+    worker = WorkerProcess(jobs.app, name="w@etcdlate",
+                           env={"ARES_MOCK_GPUS": "pcie-4x-2switch"})
+    try:
+        worker.start()
+        assert "not registered yet, etcd is unavailable" in \
+            worker.tail(100_000)
+        etcd_server.start()
+        wait_for(lambda: "GPU host etcdlate registered" in
+                 worker.tail(100_000), 30,
+                 "the host to register once etcd is back")
+        cache = jobs.ares.router.cache()
+        assert cache.wait_for(lambda h: "etcdlate" in h, 20)
+        result = jobs.gpu2.apply_async(kwargs={"hold": 0},
+                                       request_id="etcd-late-gpu")
+        assert result.get(timeout=30)["host"] == "etcdlate"
+    finally:
+        if etcd_server.proc.poll() is not None:
+            etcd_server.start()
+        worker.stop()
+
+
 @pytest.fixture()
 def persistent_broker(services):
     """A Redis of this test's own (broker, dedup records, results) with AOF
@@ -59,7 +85,8 @@ def persistent_broker(services):
     restarting it leaves the session's Redis and its clients alone."""
     server = RedisServer(persist=True)
     server.start()
-    app, ares = make_app("broker-restart", broker=f"{server.url}/0")
+    app, ares = make_app("broker-restart", broker=f"{server.url}/0",
+                         ares_redis_url=f"{server.url}/0")
 
     @ares.task(name="jobs.slow", shared=False)
     def slow(value, seconds):
@@ -81,7 +108,8 @@ def test_broker_restart_with_in_flight_jobs_commits_each_once(
     visibility timeout, waiting for Redis to give them back is no option."""
     server, app, slow, store = persistent_broker
     worker = WorkerProcess(app, concurrency=2, env={
-        "ARES_TEST_BROKER": f"{server.url}/0"}).start()
+        "ARES_TEST_BROKER": f"{server.url}/0",
+        "ARES_TEST_REDIS": f"{server.url}/0"}).start()
     try:
         with worker.supervise() as supervisor:
             results = [slow.apply_async((i, 1.5), request_id=f"inflight-{i}")

@@ -68,7 +68,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_another_worker_takes_over_within_the_lease(jobs, store, pair, fault):
+def test_another_worker_takes_over_within_the_lease(jobs, store, pair, fault, broker):
     inject, wake = FAULTS[fault]
     result = jobs.blocking.apply_async((fault,), request_id=f"takeover-{fault}")
     first = wait_for(lambda: started(store, result.id), 30,
@@ -99,7 +99,7 @@ def test_another_worker_takes_over_within_the_lease(jobs, store, pair, fault):
     assert result.get(timeout=5) == committed
     assert store.hget(f"test:effect:{result.id}", "token") == \
         str(second["token"]).encode()
-    wait_for(lambda: store.hlen("unacked") == 0, 30,
+    wait_for(lambda: broker.unacked() == 0, 30,
              "every delivery to be acknowledged")
     for other in pair:
         if other is not victim:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -21,42 +20,38 @@ from tests.records import KEYS
 pytestmark = pytest.mark.integration
 
 
-def queued(store, queue="celery"):
-    return [json.loads(m) for m in store.lrange(queue, 0, -1)]
-
-
-def test_same_request_id_same_job_one_message(jobs, store):
+def test_same_request_id_same_job_one_message(jobs, store, broker):
     r1 = jobs.record.apply_async(("a",), request_id="order-77")
     r2 = jobs.record.apply_async(("a",), request_id="order-77")
     assert r1.id == r2.id == job_id_for("ares", "order-77")
-    messages = queued(store)
+    messages = broker.messages()
     assert len(messages) == 1
     assert messages[0]["headers"]["id"] == r1.id
     assert messages[0]["headers"]["ares_request_id"] == "order-77"
 
 
-def test_different_request_ids_are_different_jobs(jobs, store):
+def test_different_request_ids_are_different_jobs(jobs, store, broker):
     ids = {jobs.record.apply_async((i,), request_id=f"r-{i}").id
            for i in range(5)}
-    assert len(ids) == 5 and len(queued(store)) == 5
+    assert len(ids) == 5 and len(broker.messages()) == 5
 
 
-def test_reused_request_id_with_other_arguments_conflicts(jobs, store):
+def test_reused_request_id_with_other_arguments_conflicts(jobs, store, broker):
     jobs.record.apply_async(("a",), request_id="order-1")
     with pytest.raises(RequestIdConflict, match="order-1"):
         jobs.record.apply_async(("b",), request_id="order-1")
-    assert len(queued(store)) == 1
+    assert len(broker.messages()) == 1
 
 
-def test_bad_request_id_raises_before_anything_is_sent(jobs, store):
+def test_bad_request_id_raises_before_anything_is_sent(jobs, store, broker):
     with pytest.raises(InvalidRequestId):
         jobs.record.apply_async(("a",), request_id="")
     with pytest.raises(InvalidRequestId, match="contradicts"):
         jobs.record.apply_async(("a",), request_id="x", task_id="other-id")
-    assert queued(store) == []
+    assert broker.messages() == []
 
 
-def test_fifty_concurrent_threads_one_message(jobs, store):
+def test_fifty_concurrent_threads_one_message(jobs, store, broker):
     barrier = threading.Barrier(50)
     ids, errors = [], []
 
@@ -74,7 +69,7 @@ def test_fifty_concurrent_threads_one_message(jobs, store):
         t.join()
     assert errors == []
     assert len(ids) == 50 and len(set(ids)) == 1
-    assert len(queued(store)) == 1
+    assert len(broker.messages()) == 1
 
 
 def _submit_from_process(barrier, out):
@@ -84,7 +79,8 @@ def _submit_from_process(barrier, out):
     out.put(jobs.record.apply_async(("p",), request_id="multi-proc").id)
 
 
-def test_concurrent_processes_one_message(jobs, store):
+def test_concurrent_processes_one_message(jobs, store, broker, monkeypatch):
+    monkeypatch.setenv("ARES_TEST_BROKER", broker.url)   # for the children
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(6), ctx.Queue()
     procs = [ctx.Process(target=_submit_from_process, args=(barrier, out))
@@ -95,11 +91,11 @@ def test_concurrent_processes_one_message(jobs, store):
     for p in procs:
         p.join(30)
     assert ids == {job_id_for("ares", "multi-proc")}
-    assert len(queued(store)) == 1
+    assert len(broker.messages()) == 1
 
 
 def test_client_killed_between_record_and_publish_does_not_lose_job(
-        jobs, store):
+        jobs, store, broker):
     """A real client process records the request, then is SIGKILLed while
     publishing; a retry after the claim timeout publishes the job."""
     script = textwrap.dedent("""
@@ -114,11 +110,12 @@ def test_client_killed_between_record_and_publish_does_not_lose_job(
         jobs.record.apply_async(("k",), request_id="killed-client")
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
-                            stdout=subprocess.PIPE, env=dict(os.environ))
+                            stdout=subprocess.PIPE,
+                            env=dict(os.environ, ARES_TEST_BROKER=broker.url))
     assert proc.stdout.readline().strip() == b"reserved"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert queued(store) == []
+    assert broker.messages() == []
     record = store.hgetall(KEYS.dedup("killed-client"))
     assert record[b"state"] == b"reserved"
 
@@ -129,11 +126,11 @@ def test_client_killed_between_record_and_publish_does_not_lose_job(
     finally:
         dedup._claim_ms = 5000
     assert result.id == job_id_for("ares", "killed-client")
-    assert len(queued(store)) == 1
+    assert len(broker.messages()) == 1
     assert store.hget(KEYS.dedup("killed-client"), "state") == b"published"
 
 
-def test_failed_publish_rolls_back_the_reservation(jobs, store, monkeypatch):
+def test_failed_publish_rolls_back_the_reservation(jobs, store, monkeypatch, broker):
     from celery import Task
 
     def broken(*args, **kwargs):
@@ -145,7 +142,7 @@ def test_failed_publish_rolls_back_the_reservation(jobs, store, monkeypatch):
     assert not store.exists(KEYS.dedup("rollback"))
     monkeypatch.undo()
     jobs.record.apply_async(("x",), request_id="rollback")
-    assert len(queued(store)) == 1
+    assert len(broker.messages()) == 1
 
 
 def test_unreachable_redis_fails_closed_with_address(jobs, redis_server):
@@ -180,24 +177,24 @@ def _etcd_ok(jobs):
         return False
 
 
-def test_retry_republishes_a_message_the_broker_lost(jobs, store, monkeypatch):
+def test_retry_republishes_a_message_the_broker_lost(jobs, store, monkeypatch, broker):
     monkeypatch.setattr(jobs.ares.services.dedup, "_republish_ms", 300)
     first = jobs.record.apply_async(("lost",), request_id="lost-message")
-    store.delete("celery")                    # the broker lost the message
+    broker.purge("celery")                    # the broker lost the message
     jobs.record.apply_async(("lost",), request_id="lost-message")
-    assert queued(store) == []                # fresh: a plain duplicate
+    assert broker.messages() == []                # fresh: a plain duplicate
     wait_for(lambda: jobs.record.apply_async(("lost",),
                                              request_id="lost-message")
-             and queued(store), 10, "a stale retry to publish again")
-    messages = queued(store)
+             and broker.messages(), 10, "a stale retry to publish again")
+    messages = broker.messages()
     assert [m["headers"]["id"] for m in messages] == [first.id]
     jobs.record.apply_async(("lost",), request_id="lost-message")
-    assert len(queued(store)) == 1            # the republish renewed the claim
+    assert len(broker.messages()) == 1            # the republish renewed the claim
 
-    store.delete("celery")
+    broker.purge("celery")
     store.hset(KEYS.job(first.id), "committed", 7)
     with pytest.raises(TimeoutError):         # stale again, but committed
         wait_for(lambda: jobs.record.apply_async(("lost",),
                                                  request_id="lost-message")
-                 and queued(store), 1.0, "a republish of a committed job")
-    assert queued(store) == []
+                 and broker.messages(), 1.0, "a republish of a committed job")
+    assert broker.messages() == []

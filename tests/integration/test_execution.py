@@ -34,7 +34,7 @@ def test_delay_without_request_id_is_still_fenced(jobs, worker, store):
     assert store.hget(KEYS.job(result.id), "committed") is not None
 
 
-def test_redelivered_message_after_commit_is_skipped(jobs, worker, store):
+def test_redelivered_message_after_commit_is_skipped(jobs, worker, store, broker):
     first = jobs.record.apply_async(("once",), request_id="redeliver")
     committed = first.get(timeout=20)
     skipped_before = ExecutionStats.skipped_committed
@@ -44,7 +44,7 @@ def test_redelivered_message_after_commit_is_skipped(jobs, worker, store):
              "the duplicate message to be skipped")
     assert len(executions(store, first.id)) == 1
     assert first.get(timeout=5) == committed
-    assert store.llen("celery") == 0  # acked, not left behind
+    assert broker.queue_length("celery") == 0  # acked, not left behind
 
 
 def test_job_whose_lock_is_held_elsewhere_waits_then_runs(
@@ -66,14 +66,14 @@ def test_job_whose_lock_is_held_elsewhere_waits_then_runs(
     assert len(executions(store, job_id)) == 1
 
 
-def test_failure_is_committed_once_with_traceback(jobs, worker, store):
+def test_failure_is_committed_once_with_traceback(jobs, worker, store, broker):
     result = jobs.fail.apply_async(("boom",), request_id="fails")
     with pytest.raises(ValueError, match="boom"):
         result.get(timeout=20)
     assert result.state == "FAILURE" and "ValueError" in result.traceback
     assert store.hget(KEYS.job(result.id), "state") == b"FAILURE"
     Task.apply_async(jobs.fail, ("boom",), task_id=result.id)
-    wait_for(lambda: store.llen("celery") == 0, 10, "duplicate consumed")
+    wait_for(lambda: broker.queue_length("celery") == 0, 10, "duplicate consumed")
     wait_for(lambda: ExecutionStats.skipped_committed > 0, 10, "skip")
     assert len(executions(store, result.id)) == 1
 
@@ -115,7 +115,7 @@ def test_self_retry_keeps_job_id_and_runs_again(jobs, worker, store):
         str(value["token"]).encode()
 
 
-def test_fifty_concurrent_duplicates_execute_once(jobs, worker, store):
+def test_fifty_concurrent_duplicates_execute_once(jobs, worker, store, broker):
     import threading
 
     barrier = threading.Barrier(50)
@@ -134,4 +134,4 @@ def test_fifty_concurrent_duplicates_execute_once(jobs, worker, store):
     value = results[0].get(timeout=20)
     assert all(r.get(timeout=5) == value for r in results[:5])
     assert len(executions(store, results[0].id)) == 1
-    assert store.llen("celery") == 0
+    assert broker.queue_length("celery") == 0

@@ -38,7 +38,7 @@ def test_redis_commit_is_write_once_and_fenced(jobs, store):
     entry = store.xrange(KEYS.fenced_log())[0][1]
     assert entry[b"token"] == b"7" and entry[b"fence"] == b"10"
     # The current holder commits, and PUBLISHes like Celery's backend.
-    pubsub = redis_lib.Redis.from_url(os.environ["ARES_TEST_BROKER"]).pubsub()
+    pubsub = redis_lib.Redis.from_url(os.environ["ARES_TEST_REDIS"]).pubsub()
     pubsub.subscribe(backend.get_key_for_task("job-1"))
     pubsub.get_message(timeout=1)
     ctx = as_holder("job-1", 10)
@@ -61,7 +61,7 @@ def test_redis_commit_race_writes_once(jobs, store):
     app, _ = jobs.make_app("race-redis")
     backend = app.backend
     backend.register_fence("job-r", 5)
-    pubsub = redis_lib.Redis.from_url(os.environ["ARES_TEST_BROKER"]).pubsub()
+    pubsub = redis_lib.Redis.from_url(os.environ["ARES_TEST_REDIS"]).pubsub()
     pubsub.subscribe(backend.get_key_for_task("job-r"))
     pubsub.get_message(timeout=1)
     barrier = threading.Barrier(8)

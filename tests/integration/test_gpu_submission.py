@@ -39,10 +39,11 @@ def publish(etcd, host, mock):
     return pub
 
 
-def test_no_registered_hosts(jobs, store):
+def test_no_registered_hosts(jobs, store, broker):
     with pytest.raises(NoGpuHosts, match="no GPU hosts are registered"):
         jobs.gpu2.apply_async(request_id="nowhere")
-    assert store.keys("celery*") == [] and store.keys(KEYS.dedup("*")) == []
+    assert broker.queue_length("celery") == 0
+    assert store.keys(KEYS.dedup("*")) == []
 
 
 @pytest.mark.parametrize("task, fragment", [
@@ -50,7 +51,7 @@ def test_no_registered_hosts(jobs, store):
     ("gpu2_nvlink", "NVLink"),
 ])
 def test_impossible_request_names_the_closest_host(jobs, etcd, store, task,
-                                                   fragment):
+                                                   fragment, broker):
     pub = publish(etcd, "small", "pcie-4x-2switch")
     try:
         jobs.ares.router.cache().wait_for(lambda h: "small" in h, 5)
@@ -58,7 +59,7 @@ def test_impossible_request_names_the_closest_host(jobs, etcd, store, task,
             getattr(jobs, task).apply_async(request_id=f"impossible-{task}")
         message = str(info.value)
         assert "closest is small" in message and fragment in message
-        assert store.llen("ares.gpu.small") == 0
+        assert broker.queue_length("ares.gpu.small") == 0
         assert store.keys(KEYS.dedup("*")) == []
     finally:
         pub.withdraw()
@@ -80,15 +81,15 @@ def test_too_little_memory_everywhere(jobs, etcd):
         pub.withdraw()
 
 
-def test_route_goes_to_the_best_host_queue(jobs, etcd, store):
+def test_route_goes_to_the_best_host_queue(jobs, etcd, store, broker):
     pubs = [publish(etcd, "v100", "dgx1-v100"), publish(etcd, "h100", "hgx-h100")]
     try:
         jobs.ares.router.cache().wait_for(lambda h: {"v100", "h100"} <= set(h), 5)
         result = jobs.gpu4_nvlink.apply_async(request_id="route-me")
-        assert store.llen("ares.gpu.h100") == 1     # NV18 beats NV1/NV2
-        assert store.llen("ares.gpu.v100") == 0
+        assert broker.queue_length("ares.gpu.h100") == 1     # NV18 beats NV1/NV2
+        assert broker.queue_length("ares.gpu.v100") == 0
         again = jobs.gpu4_nvlink.apply_async(request_id="route-me")
-        assert again.id == result.id and store.llen("ares.gpu.h100") == 1
+        assert again.id == result.id and broker.queue_length("ares.gpu.h100") == 1
     finally:
         for pub in pubs:
             pub.withdraw()

@@ -31,24 +31,24 @@ def submit(jobs, request_id, route, value="x"):
                                       request_id, {}, route=route)
 
 
-def test_duplicates_are_not_routed(jobs, store):
+def test_duplicates_are_not_routed(jobs, store, broker):
     route = Route()
     first = submit(jobs, "order-dup", route)
     for _ in range(3):
         assert submit(jobs, "order-dup", route).id == first.id
     assert route.calls == 1          # the duplicates never asked the router
-    assert store.llen("celery") == 1
+    assert broker.queue_length("celery") == 1
 
 
-def test_a_routing_failure_rolls_the_reservation_back(jobs, store):
+def test_a_routing_failure_rolls_the_reservation_back(jobs, store, broker):
     keys = Keys(jobs.ares.settings.namespace)
     with pytest.raises(AresError, match="no host can take it now"):
         submit(jobs, "order-fail", Route(fail=True))
     assert not store.exists(keys.dedup("order-fail"))
-    assert store.llen("celery") == 0
+    assert broker.queue_length("celery") == 0
     # The retry is not blocked by a stale claim: it routes and publishes.
     route = Route()
     result = submit(jobs, "order-fail", route)
-    assert route.calls == 1 and store.llen("celery") == 1
+    assert route.calls == 1 and broker.queue_length("celery") == 1
     assert store.hget(keys.dedup("order-fail"), "state") == b"published"
     assert result.id == submit(jobs, "order-fail", route).id
