@@ -134,6 +134,14 @@ class Ares:
             raise ConfigurationError(
                 f"serializer={serializer!r}: exactly-once tasks use JSON only")
         options = dict(options)
+        # Celery shares app.task tasks with every app created later in the
+        # process; an exactly-once task carries this Ares' submitter,
+        # runtime and store, so in another app it would lock, fence and
+        # commit through the wrong ones. It belongs to its own app.
+        if options.setdefault("shared", False):
+            raise ConfigurationError(
+                "shared=True: an exactly-once task belongs to the app its "
+                "Ares was built for; decorate it with each app's ares")
         base = options.pop("base", None)
         if base is None:
             base = default_base

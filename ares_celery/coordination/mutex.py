@@ -156,9 +156,9 @@ class JobLocks:
         return self._records_lease[0]
 
     def acquire(self, job_id: str, grant: LeaseGrant,
-                record: dict | None = None) -> LockOutcome:
+                record: str = "{}") -> LockOutcome:
         """Take the job's lock on ``grant``'s lease and put its ``record``
-        (JSON-able; the holder is added) in the same Txn."""
+        (a JSON object; the holder is added) in the same Txn."""
         lock_key = self._keys.lock(job_id)
         if self._is_pending(job_id):
             # This process committed the job; its lock just has not been
@@ -169,8 +169,10 @@ class JobLocks:
         holder = {"host": self._host, "pid": os.getpid(),
                   "lease": grant.lease_id, "nonce": nonce}
         value = json.dumps(holder)
-        record_value = json.dumps(dict(record or {}, holder=holder,
-                                       at=time.time()))
+        # Spliced, not re-encoded: the record is already JSON.
+        record_value = (f'{{"holder":{value},"at":{time.time()},'
+                        f'{record.strip()[1:]}' if record.strip() != "{}"
+                        else f'{{"holder":{value},"at":{time.time()}}}')
         record_key = self._keys.job_record(job_id)
         released_key = self._keys.released(job_id)
         reads = [op_range(self._keys.done(job_id))] if self._check_done else []

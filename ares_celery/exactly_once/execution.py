@@ -24,7 +24,7 @@ from ..observability.metrics import (
 )
 from . import context
 from .context import JobContext
-from .messages import job_message
+from .messages import encode_message, job_message
 
 if TYPE_CHECKING:
     from celery import Task
@@ -64,8 +64,8 @@ class JobRuntime:
         services = self._services
         try:
             grant = services.keeper.current()
-            outcome = services.locks.acquire(job_id, grant,
-                                             job_message(task, request))
+            outcome = services.locks.acquire(
+                job_id, grant, encode_message(job_message(task, request)))
             acquired_at = time.time()
         except ServiceUnavailable as exc:
             count_job_lock("unavailable")

@@ -52,10 +52,18 @@ def job_message(task: Any, request: Any) -> dict[str, Any]:
     eta = getattr(request, "eta", None)
     if eta:
         options["eta"] = eta
-    payload = {"task": task.name, "args": list(signature.args or ()),
-               "kwargs": dict(signature.kwargs or {}), "options": options}
-    # kombu's encoder writes datetimes and UUIDs the way Celery reads them.
-    return json.loads(kombu_dumps(payload))
+    return {"task": task.name, "args": list(signature.args or ()),
+            "kwargs": dict(signature.kwargs or {}), "options": options}
+
+
+def encode_message(message: Mapping[str, Any]) -> str:
+    """JSON for etcd. A delivered message's fields are what JSON decoding
+    gave Celery, so plain JSON fits; kombu's encoder covers the rest
+    (datetimes, UUIDs) the way Celery reads them back."""
+    try:
+        return json.dumps(message, separators=(",", ":"))
+    except TypeError:
+        return kombu_dumps(message)
 
 
 def reserved_message(request: Any) -> dict[str, Any]:

@@ -52,12 +52,14 @@ REMEMBERED = 10_000
 RETRY_S = 1.0
 
 #: A re-dispatched job that no new holder took after this long is published
-#: again (doubling, up to :data:`RECHECK_MAX_S`, at most
-#: :data:`RECHECKS` times): RabbitMQ hands new messages to a hung but
-#: connected consumer too, as long as it has prefetch credit left.
-RECHECK_S = 2.0
-RECHECK_MAX_S = 16.0
-RECHECKS = 6
+#: again (doubling, up to :data:`RECHECK_MAX_S`, at most :data:`RECHECKS`
+#: times): RabbitMQ hands new messages to a hung but connected consumer
+#: too, as long as it has prefetch credit left (4 x its concurrency by
+#: default), so a few copies may land there before one reaches a live
+#: worker; a copy costs a message, never a run.
+RECHECK_S = 1.0
+RECHECK_MAX_S = 4.0
+RECHECKS = 8
 
 #: Followers keep deletions this long, for the leader that comes next; a
 #: leader dies unnoticed for at most its lease TTL, added to this.
@@ -149,9 +151,9 @@ class Recoverer:
         self._election.resign()
 
     def tick(self) -> None:
-        """Periodic: keep campaigning, sweep now and then while leading."""
-        if self._election.tick() and time.monotonic() >= self._next_sweep:
-            self._work.put(("sweep",))
+        """Periodic (from the worker's timer, so no I/O here): keep
+        campaigning, sweep now and then while leading."""
+        self._work.put(("tick",))
 
     # -- leadership ------------------------------------------------------------
 
@@ -224,13 +226,19 @@ class Recoverer:
                     self._handle(item)
                 except (AresError, ServiceUnavailable) as exc:
                     logger.warning("ares: recovery of %s postponed: %s",
-                                   item[1] if len(item) > 1 else "sweep",
+                                   item[1] if len(item) > 1 else item[0],
                                    exc)
-                    retry.append(item)
+                    if item[0] != "tick":
+                        retry.append(item)
                 except Exception:  # noqa: BLE001 - keep recovering
                     logger.exception("ares: recovery of %s failed", item)
 
     def _handle(self, item: tuple) -> None:
+        if item[0] == "tick":
+            if self._election.tick() and \
+                    time.monotonic() >= self._next_sweep:
+                self._sweep()
+            return
         if not self.leading:
             if item[0] != "sweep":
                 with self._guard:

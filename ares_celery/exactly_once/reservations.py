@@ -36,7 +36,6 @@ a job costs a message, never a second run.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -48,15 +47,16 @@ from celery import Celery
 from ..clients.etcd import op_delete, op_put
 from ..errors import ServiceUnavailable
 from ..services import Services
-from .messages import publish_message, reserved_message
+from .messages import encode_message, publish_message, reserved_message
 
 logger = logging.getLogger(__name__)
 
 #: How often Celery's books are read for finished and dropped messages.
 SYNC_INTERVAL_S = 0.25
 
-#: Arrivals are written to etcd in batches this far apart.
-BATCH_S = 0.01
+#: Arrivals are written to etcd in batches this far apart; a message
+#: finished within it is never written (most short jobs are not).
+BATCH_S = 0.1
 
 #: An arrival not yet in Celery's books is kept this long.
 ARRIVAL_GRACE_S = 1.0
@@ -233,7 +233,8 @@ class ReservationTracker:
                 if message is None:
                     continue
                 ops.append(op_put(keys.reserved(lease, job_id),
-                                  json.dumps(message), locks.records_lease()))
+                                  encode_message(message),
+                                  locks.records_lease()))
         if ops and self._present != lease:
             # Present on our lease with the first record under it: whoever
             # sees the presence key go recovers the records.

@@ -119,7 +119,7 @@ def test_job_shows_attempts(etcd):
     job = "22222222-2222-2222-2222-222222222222"
     for _ in range(2):   # two holders whose leases ended: two attempts
         lease = etcd.grant_lease(30)
-        locks.acquire(job, LeaseGrant(lease, 1), {"task": "jobs.record"})
+        locks.acquire(job, LeaseGrant(lease, 1), json.dumps({"task": "jobs.record"}))
         etcd.revoke_lease(lease)
     out = celery("job", job)
     assert out.returncode == 0, out.stderr

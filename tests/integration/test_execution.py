@@ -57,7 +57,7 @@ def test_job_whose_lock_is_held_elsewhere_waits_then_runs(
              lease=lease)
     deferred_before = ExecutionStats.deferred
     result = Task.apply_async(jobs.record, ("late",), task_id=job_id)
-    wait_for(lambda: ExecutionStats.deferred >= deferred_before + 2, 20,
+    wait_for(lambda: ExecutionStats.deferred >= deferred_before + 2, 45,
              "at least two deferrals")
     assert executions(store, job_id) == []
     etcd.revoke_lease(lease)  # the holder dies

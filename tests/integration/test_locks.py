@@ -80,7 +80,8 @@ def test_attempts_count_holders_that_did_not_give_the_job_back(etcd):
     def take():
         lease = etcd.grant_lease(30)
         return lease, locks.acquire(job, LeaseGrant(lease, 1),
-                                    {"task": "jobs.record", "args": [1]})
+                                    json.dumps({"task": "jobs.record",
+                                                "args": [1]}))
 
     lease, first = take()
     assert first.attempt == 1 and first.previous_holder is None
@@ -100,9 +101,9 @@ def test_attempts_count_holders_that_did_not_give_the_job_back(etcd):
 def test_a_committed_job_leaves_no_keys_behind(etcd):
     locks = JobLocks(etcd, KEYS)
     lease = etcd.grant_lease(30)
-    outcome = locks.acquire("clean-job", LeaseGrant(lease, 1), {"task": "t"})
+    outcome = locks.acquire("clean-job", LeaseGrant(lease, 1), json.dumps({"task": "t"}))
     locks.release("clean-job", outcome.token)
-    locks.acquire("clean-job", LeaseGrant(lease, 1), {"task": "t"})
+    locks.acquire("clean-job", LeaseGrant(lease, 1), json.dumps({"task": "t"}))
     locks.discard_after_commit("clean-job")
     locks.flush()
     for key in (KEYS.lock("clean-job"), KEYS.job_record("clean-job"),
