@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -148,6 +149,30 @@ class Broker:
                               "messages_unacknowledged")
         return sum(int(x) for x in out.split() if x.isdigit())
 
+    def settle(self, queues: set[str], timeout: float = 15.0) -> None:
+        """Before a test: wait until no consumer of an earlier test is
+        attached to ``queues`` (RabbitMQ requeues what a consumer held when
+        its connection closes, which may be after that test ended), then
+        empty them."""
+        if self.kind == "redis":
+            return
+        from kombu import Connection, Queue
+
+        deadline = time.monotonic() + timeout
+        with Connection(self.url) as connection:
+            for name in queues:
+                while time.monotonic() < deadline:
+                    try:
+                        with connection.channel() as channel:
+                            declared = Queue(name, no_declare=True)(channel)
+                            if not declared.queue_declare(
+                                    passive=True).consumer_count:
+                                break
+                    except connection.channel_errors:
+                        break  # no such queue yet
+                    time.sleep(0.1)
+        self._purge(queues)
+
     def purge(self, queue: str) -> None:
         """Lose every message waiting in ``queue`` (a broker that lost them)."""
         if self.kind == "redis":
@@ -220,6 +245,7 @@ def broker(request, services, broker_kind):
         if server.proc is None or server.proc.poll() is not None:
             server.start()
         found = Broker("rabbitmq", server.url, store, server)
+        found.settle({"celery"})
     yield found
     # Before the next test flushes Redis: the GPU host queues it used.
     hosts = {v.decode() for v in store.hvals("ares:gpu:queues")}
