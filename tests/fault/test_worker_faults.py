@@ -80,4 +80,6 @@ def test_sigstop_zombie_commit_is_rejected(jobs, store, takeover):
     assert result.get(timeout=5) == committed  # unchanged
     assert store.hget(f"test:effect:{result.id}", "token") == \
         str(second["token"]).encode()          # side effect fenced too
-    assert "REJECTED" in a.tail(20000)
+    # The log line follows the fenced-log entry: wait for it to be written.
+    wait_for(lambda: "REJECTED" in a.tail(20000), 10,
+             "the zombie to log its rejected commit")
