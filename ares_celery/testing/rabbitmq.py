@@ -10,7 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .servers import _Process, die_with_parent, free_port, wait_until
+from .servers import _Process, die_with_parent, free_port
 
 #: Debian puts the real scripts here; /usr/sbin/rabbitmq-server is a wrapper
 #: that switches to the rabbitmq user, which cannot write our temp dir.
@@ -37,6 +37,7 @@ class RabbitMQServer(_Process):
     """
 
     name = "rabbitmq"
+    start_timeout = 60.0
 
     def __init__(self, port: int | None = None, workdir: Path | None = None,
                  config: str = "") -> None:
@@ -89,7 +90,7 @@ class RabbitMQServer(_Process):
     def _command(self) -> list[str]:
         return [self.binary]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def _prepare(self) -> None:
         self._write_config()
         if self._epmd is None or self._epmd.poll() is not None:
             self._epmd = subprocess.Popen(
@@ -97,17 +98,9 @@ class RabbitMQServer(_Process):
                  "127.0.0.1"], stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=die_with_parent)
-        log = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            self._command(), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=self.workdir, env=self.env(),
-            start_new_session=True, preexec_fn=die_with_parent)
-        log.close()
-        self.wait_healthy(timeout)
 
-    def wait_healthy(self, timeout: float = 60.0) -> None:
-        wait_until(self.healthy, timeout, f"{self.name} to be healthy",
-                   self.proc, self.log)
+    def _environment(self) -> dict[str, str]:
+        return self.env()
 
     def healthy(self) -> bool:
         """The AMQP port answers the protocol header with a Connection.Start

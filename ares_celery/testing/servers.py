@@ -92,18 +92,30 @@ class _Process:
     def healthy(self) -> bool:
         raise NotImplementedError
 
-    def start(self, timeout: float = 30.0) -> None:
+    #: Seconds a start may take before it counts as failed.
+    start_timeout = 30.0
+
+    def _prepare(self) -> None:
+        """Before each start: what the server needs on disk or running."""
+
+    def _environment(self) -> dict[str, str] | None:
+        """The server's environment (None: ours)."""
+        return None
+
+    def start(self, timeout: float | None = None) -> None:
+        self._prepare()
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             self._command(), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, cwd=self.workdir,
-            start_new_session=True, preexec_fn=die_with_parent)
+            env=self._environment(), start_new_session=True,
+            preexec_fn=die_with_parent)
         log.close()
         self.wait_healthy(timeout)
 
-    def wait_healthy(self, timeout: float = 30.0) -> None:
-        wait_until(self.healthy, timeout, f"{self.name} to be healthy",
-                   self.proc, self.log)
+    def wait_healthy(self, timeout: float | None = None) -> None:
+        wait_until(self.healthy, timeout or self.start_timeout,
+                   f"{self.name} to be healthy", self.proc, self.log)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -129,7 +141,7 @@ class _Process:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 
-    def restart(self, timeout: float = 30.0) -> None:
+    def restart(self, timeout: float | None = None) -> None:
         self.stop()
         self.start(timeout)
 
