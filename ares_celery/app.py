@@ -8,17 +8,22 @@ from typing import Any
 
 import click
 from celery import Celery, Task, signals
+from kombu.exceptions import OperationalError
 
 from .backends.etcd import BACKEND_PATH as ETCD_BACKEND
 from .backends.redis import BACKEND_PATH as REDIS_BACKEND
 from .backends.registry import store_class
-from .errors import ConfigurationError
-from .exactly_once import context
+from .errors import AresWarning, ConfigurationError
+from .exactly_once import canvas, context
+from .exactly_once import control as _control  # noqa: F401 - registers ares_unrevoke
 from .exactly_once.context import JobContext
+from .exactly_once.eager import EagerRuntime
 from .exactly_once.execution import JobRuntime
+from .exactly_once.purge import PurgeHook
 from .exactly_once.recovery_step import RecoveryStep
-from .exactly_once.submission import Submitter
+from .exactly_once.submission import Submitter, broker_unreachable
 from .exactly_once.task import ExactlyOnceTask
+from .gpu.eager import EagerGpus
 from .gpu.host import GpuHost, HostSlot
 from .gpu.host_step import GpuHostStep
 from .gpu.policies import DEFAULT_POLICY, POLICIES
@@ -30,10 +35,6 @@ from .services import Services
 from .settings import AresSettings
 
 __all__ = ["ETCD_BACKEND", "REDIS_BACKEND", "Ares", "AresWarning"]
-
-
-class AresWarning(UserWarning):
-    """A setting that weakens the guarantee without breaking it outright."""
 
 
 class Ares:
@@ -66,16 +67,23 @@ class Ares:
                                        watch=False)
         #: Filled in GPU worker processes by the worker bootstep.
         self.gpu_slot = HostSlot()
+        #: Eager mode (``task_always_eager``, ``apply()``): in memory.
+        self.eager = EagerRuntime(settings.namespace, EagerGpus(
+            self.policies, settings.cuda_visible_devices))
         collaborators = {"_submitter": self.submitter,
-                         "_runtime": self.runtime, "__module__": __name__}
+                         "_runtime": self.runtime, "_eager": self.eager,
+                         "__module__": __name__}
         self._task_base = type("AresTask", (ExactlyOnceTask,), collaborators)
         self._gpu_task_base = type("AresGpuTask", (GpuTask,), {
             **collaborators, "_router": self.router,
             "_worker_router": self.worker_router,
             "_gpu_slot": self.gpu_slot})
         self._install_router()
+        self._install_send_task()
+        canvas.register(app, settings.namespace)
         self._install_worker_steps()
         app.ares = self  # for the CLI plugin, which only gets the app
+        PurgeHook(app, self.services).install()
         signals.task_postrun.connect(self._on_postrun, weak=False)
         signals.worker_process_shutdown.connect(self._on_shutdown, weak=False)
         signals.worker_shutdown.connect(self._on_shutdown, weak=False)
@@ -166,6 +174,43 @@ class Ares:
         elif isinstance(routes, (dict, str)) or callable(routes):
             routes = (routes,)
         self.app.conf.task_routes = (self.router, *routes)
+
+    def _install_send_task(self) -> None:
+        """``app.send_task(name, ..., request_id=...)`` dedups like
+        ``apply_async`` (Celery itself would drop the unknown option)."""
+        celery_send_task = self.app.send_task
+        submitter = self.submitter
+
+        def send_task(name: str, args: Any = None, kwargs: Any = None,
+                      *more: Any, request_id: Any = None,
+                      **options: Any) -> Any:
+            if request_id is None:
+                return celery_send_task(name, args, kwargs, *more, **options)
+            if more:
+                raise TypeError("send_task with request_id takes its "
+                                "options as keywords")
+            task = self.app.tasks.get(name)
+            if isinstance(task, ExactlyOnceTask) \
+                    and task._submitter is submitter:
+                return task.apply_async(args, kwargs,
+                                        request_id=request_id, **options)
+            if task is not None:
+                raise ConfigurationError(
+                    f"{name} is not an exactly-once task: its request_id "
+                    "would be ignored; define it with ares.task (or drop "
+                    "request_id)")
+
+            def publish(args: Any, kwargs: Any, task_id: str | None,
+                        options: dict[str, Any]) -> Any:
+                try:
+                    return celery_send_task(name, args, kwargs,
+                                            task_id=task_id, **options)
+                except OperationalError as exc:
+                    raise broker_unreachable(self.app, exc) from exc
+            task_id = options.pop("task_id", None)
+            return submitter.send_task(self.app, name, args, kwargs, task_id,
+                                       request_id, options, publish)
+        self.app.send_task = send_task
 
     def _install_worker_steps(self) -> None:
         steps = self.app.steps["worker"]

@@ -11,6 +11,20 @@ class AresError(Exception):
     """Root of all ares-celery errors."""
 
 
+class AresWarning(UserWarning):
+    """A setting that weakens the guarantee without breaking it outright."""
+
+
+class UnknownSettingWarning(AresWarning):
+    """An ``ares_*`` name in ``app.conf`` that no part of ares reads.
+
+    A warning rather than an error: the name may belong to the user's own
+    code. Misspelled, it would silently leave the default in force (an
+    ``ares_lease_tll = 5`` keeps the 30 s lease), so the message names the
+    closest valid setting.
+    """
+
+
 class ConfigurationError(AresError):
     """The Celery app or the ``ares_*`` settings cannot give the guarantee."""
 

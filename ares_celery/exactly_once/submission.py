@@ -17,11 +17,17 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from celery import Task
+from celery import Celery, Task
 from kombu.exceptions import OperationalError
 
 from .. import headers as wire
-from ..errors import InvalidRequestId, RequestIdConflict, ServiceUnavailable
+from ..clients.redis import redact_url
+from ..errors import (
+    ConfigurationError,
+    InvalidRequestId,
+    RequestIdConflict,
+    ServiceUnavailable,
+)
 from ..observability.metrics import count_request
 from .identity import job_id_for, submission_digest, validate_request_id
 
@@ -37,53 +43,114 @@ if TYPE_CHECKING:
 Route = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+#: Publishes a message: ``(args, kwargs, task_id, options)``.
+Publish = Callable[[Any, Any, "str | None", dict[str, Any]], "AsyncResult"]
+
+#: Request-id space of jobs named by an explicit ``task_id=``: such a job is
+#: deduped by its task id (same arguments: the same job; others: conflict).
+_TASK_ID_PREFIX = "task-id:"
+
+
 class Submitter:
+    """The one way a message of an exactly-once job gets published: by
+    ``apply_async`` on an ares task, and by ``app.send_task`` with a
+    ``request_id`` (clients that submit by name, without the task code)."""
+
     def __init__(self, services: Services) -> None:
         self._services = services
+
+    @property
+    def namespace(self) -> str:
+        return self._services.settings.namespace
 
     def submit(self, task: Task, args: Any, kwargs: Any,
                task_id: str | None, request_id: Any,
                options: dict[str, Any],
                route: Route | None = None) -> AsyncResult:
-        services = self._services
+        check_call_serializer(task.name, options)
+
+        def publish(args: Any, kwargs: Any, task_id: str | None,
+                    options: dict[str, Any]) -> AsyncResult:
+            return self._publish(task, args, kwargs, task_id, options)
+
+        if request_id is None and task_id is not None \
+                and not _is_own_retry(task, task_id):
+            return self._submit_named(task.name, args, kwargs, task_id,
+                                      None, options, publish, route,
+                                      task.AsyncResult)
         if request_id is None:
-            services.require_etcd()
+            self._services.require_etcd()
             if route is not None:
                 options = route(options)
-            return self._publish(task, args, kwargs, task_id, options)
-        rid = validate_request_id(request_id)
-        job_id = job_id_for(services.settings.namespace, rid)
-        if task_id is not None and task_id != job_id:
-            raise InvalidRequestId(
-                f"task_id {task_id!r} contradicts request_id {rid!r} (whose "
-                f"job id is {job_id}); pass only one of them")
+            return publish(args, kwargs, task_id, options)
+        return self._submit_named(task.name, args, kwargs, task_id,
+                                  request_id, options, publish, route,
+                                  task.AsyncResult)
+
+    def send_task(self, app: Celery, name: str, args: Any, kwargs: Any,
+                  task_id: str | None, request_id: Any,
+                  options: dict[str, Any], publish: Publish) -> AsyncResult:
+        """``app.send_task(name, ..., request_id=...)``: the same dedup as
+        ``apply_async``, for a task this process may not even import (its
+        worker takes the lease; a GPU job that lands on the wrong queue is
+        re-routed by the worker)."""
+        check_call_serializer(name, options)
+        return self._submit_named(
+            name, args, kwargs, task_id, request_id, options, publish, None,
+            lambda job_id: app.AsyncResult(job_id, task_name=name))
+
+    def _submit_named(self, name: str, args: Any, kwargs: Any,
+                      task_id: str | None, request_id: Any,
+                      options: dict[str, Any], publish: Publish,
+                      route: Route | None,
+                      result_for: Callable[[str], AsyncResult]
+                      ) -> AsyncResult:
+        services = self._services
+        if request_id is None:
+            # An explicit task id names the job like a request id does.
+            rid, job_id = _TASK_ID_PREFIX + str(task_id), str(task_id)
+            shown = f"task_id {task_id!r}"
+        else:
+            rid = validate_request_id(request_id)
+            job_id = job_id_for(services.settings.namespace, rid)
+            shown = f"request_id {rid!r}"
+            if task_id is not None and task_id != job_id:
+                raise InvalidRequestId(
+                    f"task_id {task_id!r} contradicts request_id {rid!r} "
+                    f"(whose job id is {job_id}); pass only one of them")
         services.require_etcd()
-        digest = submission_digest(task.name, args, kwargs)
+        digest = submission_digest(name, args, kwargs)
         try:
-            reservation = services.dedup.reserve(rid, job_id, task.name,
-                                                 digest)
-        except RequestIdConflict:
+            reservation = services.dedup.reserve(rid, job_id, name, digest)
+        except RequestIdConflict as exc:
             count_request("conflict")
+            if request_id is None:
+                raise RequestIdConflict(
+                    f"{shown} already names job {job_id} with another task "
+                    f"or other arguments than {name}{_shown_args(args, kwargs)}"
+                    "; a task id names one piece of work: use a new one (or "
+                    "a request_id) for different work") from exc
             raise
         count_request("new" if reservation.must_publish else "duplicate")
         if not reservation.must_publish:
-            return task.AsyncResult(job_id)
+            return result_for(job_id)
         if reservation.outcome == "republish":
             logger.warning(
-                "ares: job %s (request %r) was published %ss+ ago and is not "
+                "ares: job %s (%s) was published %ss+ ago and is not "
                 "committed; publishing it again in case the broker lost it",
-                job_id, rid, services.settings.republish_after)
+                job_id, shown, services.settings.republish_after)
         try:
             if route is not None:
                 options = route(options)
             headers = dict(options.get("headers") or {})
-            headers[wire.REQUEST_ID] = rid
-            result = self._publish(task, args, kwargs, job_id,
-                                   dict(options, headers=headers))
+            if request_id is not None:
+                headers[wire.REQUEST_ID] = rid
+            result = publish(args, kwargs, job_id,
+                             dict(options, headers=headers))
         except BaseException:
             services.dedup.rollback(rid, reservation.owner)
             raise
-        services.dedup.mark_published(rid, job_id, task.name, digest)
+        services.dedup.mark_published(rid, job_id, name, digest)
         return result
 
     @staticmethod
@@ -93,6 +160,35 @@ class Submitter:
             return Task.apply_async(task, args, kwargs, task_id=task_id,
                                     **options)
         except OperationalError as exc:
-            broker = task.app.conf.broker_url
-            raise ServiceUnavailable(
-                f"broker unreachable at {broker}: {exc}") from exc
+            raise broker_unreachable(task.app, exc) from exc
+
+
+def broker_unreachable(app: Any, exc: Exception) -> ServiceUnavailable:
+    broker = redact_url(str(app.conf.broker_url))
+    return ServiceUnavailable(
+        f"broker unreachable at {broker}: {exc}; is it running, and is "
+        "broker_url right?")
+
+
+def check_call_serializer(name: str, options: dict[str, Any]) -> None:
+    """A per-call ``serializer=`` other than JSON would publish a message
+    the workers refuse to decode: the job would stay PENDING forever and
+    every retry of its request id would return the stuck job."""
+    serializer = options.get("serializer")
+    if serializer not in (None, "json"):
+        raise ConfigurationError(
+            f"{name}: serializer={serializer!r} per call is refused: "
+            "exactly-once jobs are JSON only (workers accept nothing else); "
+            "drop the serializer option")
+
+
+def _is_own_retry(task: Task, task_id: str) -> bool:
+    """``self.retry()`` re-publishes the running job under its own id; that
+    is the job continuing, not a new submission naming it."""
+    request = task.request
+    return not request.called_directly and request.id == task_id
+
+
+def _shown_args(args: Any, kwargs: Any) -> str:
+    shown = repr((tuple(args or ()), dict(kwargs or {})))
+    return shown if len(shown) <= 80 else shown[:77] + "..."

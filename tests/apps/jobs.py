@@ -138,6 +138,29 @@ def flaky(self, value):
             "attempt": ctx.attempt}
 
 
+@ares.task(name="jobs.add")
+def add(x, y=0):
+    """A workflow step: records its execution, returns the sum."""
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    return x + y
+
+
+@ares.task(name="jobs.total")
+def total(values):
+    """A chord body: the sum of its header's results."""
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    return sum(values)
+
+
+@app.task(name="jobs.plain_add", shared=False)
+def plain_add(x, y=0):
+    """A plain Celery task (no lease), for mixed workflows."""
+    _store.rpush(f"test:plain:{x}:{y}", os.getpid())
+    return x + y
+
+
 def _gpu_body(name, hold):
     """Record where and on which GPUs we ran, then hold the GPUs until the
     test releases this job (or for ``hold`` seconds)."""
