@@ -31,14 +31,10 @@ from celery import canvas
 
 from ..errors import ConfigurationError, InvalidRequestId
 from .identity import job_id_for, validate_request_id
-from .task import ExactlyOnceTask
+from .task import ExactlyOnceTask, refuse_looped
 
 #: The ``ares_namespace`` of each app that has an ``Ares``.
 _namespaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-#: Celery's builtin tasks that call a task's body in a loop, outside the
-#: worker's request machinery (no lease would be taken).
-MAP_TASKS = frozenset({"celery.map", "celery.starmap", "celery.chunks"})
 
 
 def register(app: Any, namespace: str) -> None:
@@ -157,10 +153,7 @@ def _children(sig: Any, path: str) -> Iterator[tuple[Any, str]]:
     elif isinstance(sig, (canvas._basemap, canvas.chunks)):
         task = _task_type(_signature(sig.kwargs["task"], sig))
         if isinstance(task, ExactlyOnceTask):
-            raise ConfigurationError(
-                f"{sig.task} would call {sig.kwargs['task']['task']} in a "
-                "loop inside one worker task, without a lease per item; "
-                "use group(task.s(x) for x in items) with a request_id")
+            raise refuse_looped(task.name, sig.task)
 
 
 def _materialized(sig: Any, key: str) -> list[Any]:

@@ -16,7 +16,7 @@ from ..exactly_once.task import ExactlyOnceTask
 from ..headers import header
 from ..observability import events
 from ..observability.metrics import observe_gpu_allocation
-from .allocation import GpusBusy
+from .allocation import Allocation, GpusBusy
 from .host import HostSlot
 from .request import GpuRequest
 from .routing import GpuRouter
@@ -53,7 +53,18 @@ class GpuTask(ExactlyOnceTask):
 
     # -- worker side ---------------------------------------------------------
 
+    def _admit_eager(self) -> None:
+        """An eager GPU job is placed on the mock host; a request it can
+        never run fails now, as production submission fails."""
+        self._eager.gpus.place(self.gpu_request)
+
     def _before_body(self, ctx: JobContext) -> None:
+        if self.request.is_eager:
+            allocation = self._eager.gpus.allocate(ctx.job_id,
+                                                   self.gpu_request)
+            self._use_gpus(ctx, allocation, allocation.topology.host,
+                           self._eager.gpus.visible_devices(allocation))
+            return
         gpu = self._gpu_slot.host
         request = self.gpu_request
         if gpu is None:
@@ -65,16 +76,24 @@ class GpuTask(ExactlyOnceTask):
             self._reroute(ctx, str(exc), exclude_self=True)
         except GpusBusy as exc:
             self._reroute(ctx, str(exc), exclude_self=False)
-        ctx.gpus = allocation.gpus
-        ctx.gpu_uuids = allocation.uuids
-        ctx.host = gpu.host
-        ctx.placement_score = allocation.placement.score
         waited = time.monotonic() - started
+        self._use_gpus(ctx, allocation, gpu.host,
+                       gpu.visible_devices(allocation))
         observe_gpu_allocation(waited)
         events.placed(self, ctx, allocation, gpu.queue, waited)
+
+    @staticmethod
+    def _use_gpus(ctx: JobContext, allocation: Allocation, host: str,
+                  visible: str) -> None:
+        """Tell the body its GPUs: the context, and ``CUDA_VISIBLE_DEVICES``
+        (put back by :meth:`_after_body`)."""
+        ctx.gpus = allocation.gpus
+        ctx.gpu_uuids = allocation.uuids
+        ctx.host = host
+        ctx.placement_score = allocation.placement.score
         ctx.extra["cuda_visible_devices_before"] = os.environ.get(
             "CUDA_VISIBLE_DEVICES", _UNSET)
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu.visible_devices(allocation)
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
     def _after_body(self, ctx: JobContext) -> None:
         before = ctx.extra.pop("cuda_visible_devices_before", _UNSET)

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from celery import chain, chord, group
+from celery.canvas import xmap
 
 from ares_celery.errors import (
     ConfigurationError,
@@ -173,5 +174,16 @@ def test_a_non_json_serializer_per_call_is_refused(jobs, worker, store):
     lambda t: t.chunks([(1, 2)], 1),
 ])
 def test_map_starmap_chunks_of_ares_tasks_are_refused(jobs, make):
-    with pytest.raises(ConfigurationError, match="lease"):
+    with pytest.raises(ConfigurationError, match="without a lease"):
         make(jobs.add)
+
+
+def test_a_hand_built_map_never_runs_an_ares_body_unleased(jobs, worker,
+                                                           store):
+    """``xmap(task.s(), items)`` built by hand reaches the worker's
+    ``celery.map``, which calls the body directly: it is refused there."""
+    result = xmap(jobs.add.s(), [1, 2]).apply_async()
+    with pytest.raises(Exception, match="without a lease") as failure:
+        result.get(timeout=20)
+    assert type(failure.value).__name__ == "ConfigurationError"
+    assert store.keys("test:exec:*") == []
