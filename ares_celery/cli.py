@@ -21,6 +21,7 @@ from .gpu.inventory import InventoryCache
 from .gpu.model import HostTopology
 from .gpu.policies import DEFAULT_POLICY, POLICIES
 from .gpu.request import GpuRequest
+from .job_view import read_job
 
 
 def _ares(ctx: CLIContext):
@@ -32,25 +33,32 @@ def _ares(ctx: CLIContext):
     return ares
 
 
+#: Spaces between matrix columns, whatever the widest label.
+MATRIX_GAP = 2
+
+
 def format_matrix(topo: HostTopology) -> str:
-    """An ``nvidia-smi topo -m``-like matrix, with GB/s under each label."""
+    """An ``nvidia-smi topo -m``-like matrix, each link's label followed by
+    its GB/s (``NV12/NVSwitch 300``).
+
+    Every column is as wide as the widest cell anywhere in the matrix plus
+    :data:`MATRIX_GAP`, so labels of any length never run into the next
+    column and the columns line up under their headers.
+    """
     indices = topo.indices
-    width = max(12, *(len(topo.link(i, j).label()) + 2 for i in indices
-                      for j in indices if i != j)) if len(indices) > 1 else 12
-    head = " " * 8 + "".join(f"GPU{j}".ljust(width) for j in indices)
-    lines = [head]
+    cells = {(i, j): "X" if i == j else
+             f"{topo.link(i, j).label()} {topo.bandwidth(i, j):.0f}"
+             for i in indices for j in indices}
+    heads = [f"GPU{j}" for j in indices]
+    width = max(len(text) for text in [*cells.values(), *heads]) + MATRIX_GAP
+    first = max(len(head) for head in heads) + MATRIX_GAP
+    lines = [(" " * first + "".join(h.ljust(width) for h in heads)).rstrip()]
     for i in indices:
-        cells = []
-        for j in indices:
-            if i == j:
-                cells.append("X".ljust(width))
-            else:
-                link = topo.link(i, j)
-                cells.append(f"{link.label()} {topo.bandwidth(i, j):.0f}"
-                             .ljust(width))
+        row = f"GPU{i}".ljust(first) + "".join(
+            cells[i, j].ljust(width) for j in indices)
         gpu = topo.gpu(i)
-        numa = "" if gpu.numa_node is None else f"  NUMA {gpu.numa_node}"
-        lines.append(f"GPU{i}".ljust(8) + "".join(cells) + numa)
+        numa = "" if gpu.numa_node is None else f"NUMA {gpu.numa_node}"
+        lines.append((row + numa).rstrip())
     return "\n".join(lines)
 
 
@@ -95,7 +103,7 @@ def topology(ctx: click.Context, mock: str | None, host: str | None,
         mem = "?" if gpu.memory_total_mb is None else \
             f"{gpu.memory_total_mb / 1024:.0f} GiB"
         click.echo(f"  GPU{gpu.index}: {gpu.name or '?'} {mem}")
-    click.echo("")
+    click.echo("\nlinks (type, then estimated GB/s per direction)")
     click.echo(format_matrix(topo))
     click.echo("\nbest placement (score: ring bottleneck GB/s per direction)")
     for row in placements:
@@ -185,43 +193,66 @@ def _read_lock(services, job_id: str):
     return lock, holder, ttl
 
 
+def _unknown_job(instance, ref: str, job_id: str, rid: str | None) -> str:
+    named = f"request id {rid!r} (job id {job_id})" if rid else \
+        f"job id {job_id}"
+    settings = instance.settings
+    return (f"ares knows nothing about {named}: no submission record, lock, "
+            "job record, worker reservation, fence or stored result in "
+            f"namespace {settings.namespace!r} (Redis "
+            f"{settings.redis_address}, etcd {settings.etcd_address}). Check "
+            f"the spelling of {ref!r} and the app given to -A; a request id "
+            f"is forgotten {settings.dedup_ttl}s (ares_dedup_ttl) after its "
+            "submission, and a job submitted without a request id is known "
+            "only once a worker takes it")
+
+
 @ares.command(cls=CeleryCommand)
 @click.argument("ref")
 @click.pass_context
 def job(ctx: click.Context, ref: str) -> None:
-    """Who holds a job's lease, its token, and whether it is committed."""
+    """Who holds a job's lease, its token, and whether it is committed.
+
+    REF is a request id or a job id. One that ares has no record of is an
+    error (exit status 1), not a job shown as pending.
+    """
     instance = _ares(ctx)
     services = instance.services
     job_id, rid = _job_id(instance, ref)
+    candidates = [(job_id, rid)]
+    if rid is None:
+        # A UUID is a job id, or a request id that happens to be a UUID.
+        candidates.append((job_id_for(instance.settings.namespace, ref), ref))
     try:
         with unavailable_as_ares_error(instance.settings.redis_url):
-            lock, holder, ttl = _read_lock(services, job_id)
-            attempts = services.locks.attempts(job_id)
-            record = services.redis.hgetall(services.keys.job(job_id))
-            dedup = services.redis.hgetall(services.keys.dedup(rid)) \
-                if rid else {}
-            meta = instance.app.backend.get_task_meta(job_id)
+            for job_id, rid in candidates:
+                view = read_job(services, instance.app.backend, job_id, rid)
+                if view.known:
+                    break
     except AresError as exc:
         raise _fail(exc) from exc
-    decoded = {k.decode(): v.decode() for k, v in record.items()}
+    if not view.known:
+        raise click.ClickException(
+            _unknown_job(instance, ref, candidates[0][0], candidates[0][1]))
+    decoded, lock, holder = view.record, view.lock, view.holder
     click.echo(f"job        {job_id}" + (f" (request id {rid!r})" if rid else ""))
-    if dedup:
-        click.echo(f"submitted  {dedup.get(b'state', b'?').decode()} "
-                   f"(task {dedup.get(b'task', b'?').decode()})")
+    if view.dedup:
+        click.echo(f"submitted  {view.dedup.get('state', '?')} "
+                   f"(task {view.dedup.get('task', '?')})")
     if lock is not None:
         click.echo(f"lease      held by {holder.get('host')}:{holder.get('pid')} "
                    f"token {lock.create_revision}, lease {lock.lease:x} "
-                   f"ttl {ttl}s")
+                   f"ttl {view.ttl}s")
     else:
         click.echo("lease      not held")
-    click.echo(f"attempts   {attempts} (holders that took the job and did "
-               "not give it back; a retry does not count)")
+    click.echo(f"attempts   {view.attempts} (holders that took the job and "
+               "did not give it back; a retry does not count)")
     click.echo(f"fence      {decoded.get('fence', '-')}")
     if "committed" in decoded:
         click.echo(f"committed  yes: {decoded.get('state')} with token "
                    f"{decoded['committed']}")
     else:
-        click.echo(f"committed  no (state {meta.get('status')})")
+        click.echo(f"committed  no (state {view.meta.get('status')})")
     if decoded.get("fenced"):
         click.echo(f"rejected   {decoded['fenced']} zombie commit(s)")
 
@@ -250,3 +281,50 @@ def release(ctx: click.Context, job_id: str) -> None:
         raise click.ClickException(
             f"job {job_id}: the lock changed while releasing; run it again")
     click.echo(f"job {job_id}: released lock (token {lock.create_revision})")
+
+
+@ares.command(cls=CeleryCommand)
+@click.argument("ref")
+@click.option("--timeout", default=1.0, show_default=True, type=float,
+              help="seconds to wait for workers to confirm they forgot a "
+                   "revoke of the job")
+@click.pass_context
+def forget(ctx: click.Context, ref: str, timeout: float) -> None:
+    """Retire a request id (or job id) so a retry runs the job again.
+
+    Deletes its dedup record, result and commit marker, and etcd job
+    record, and makes live workers forget a revoke of it. Refused while a
+    live worker holds the job's lock.
+    """
+    from .exactly_once.retire import JobRetirer  # only this command needs it
+
+    instance = _ares(ctx)
+    job_id, rid = _job_id(instance, ref)
+    retirer = JobRetirer(instance.services, instance.app.backend,
+                         instance.app.control, broadcast_timeout=timeout)
+    try:
+        with unavailable_as_ares_error(instance.settings.redis_url):
+            done = retirer.retire(job_id, rid)
+    except AresError as exc:
+        raise _fail(exc) from exc
+    named = f" (request id {done.request_id!r})" if done.request_id else ""
+    if not done.found:
+        raise click.ClickException(
+            f"nothing to forget: job {job_id}{named} has no dedup record, "
+            "result, job record or revoke on a live worker")
+    click.echo(f"job {job_id}{named}: forgotten")
+    for item in done.removed:
+        click.echo(f"  removed  {item}")
+    if done.unrevoked_on:
+        click.echo(f"  revoke   forgotten by {', '.join(done.unrevoked_on)}")
+    if done.broadcast_error:
+        click.echo(f"  warning  workers were not told to forget a revoke "
+                   f"({done.broadcast_error}); a worker that saw one still "
+                   "marks the job REVOKED", err=True)
+    if done.request_id is None:
+        click.echo("  warning  no request id found for this job id: its "
+                   "dedup record (if any) stays until it expires; run "
+                   "forget with the request id", err=True)
+    else:
+        click.echo(f"a retry with request id {done.request_id!r} runs the "
+                   "job again (same job id)")

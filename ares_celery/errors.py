@@ -55,6 +55,11 @@ class LeaseLost(AresError):
     """The worker no longer holds the job's lease: its commit will be fenced."""
 
 
+class JobStillHeld(AresError):
+    """A live worker holds the job's lock: it cannot be retired (forgotten)
+    now; the message names the holder."""
+
+
 class AttemptsExhausted(AresError):
     """A job lost its holder (killed, hung, cut off) ``max_attempts`` times:
     it is committed as FAILURE instead of being run again forever."""

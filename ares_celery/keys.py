@@ -22,6 +22,12 @@ class Keys:
         """Redis stream recording every rejected (fenced) commit."""
         return f"{self.namespace}:fenced"
 
+    def purged(self) -> str:
+        """Redis: when the last ``celery purge`` ended (ms, Redis clock): a
+        job published before it and not committed may have been purged, so
+        a retry publishes it again (see ``exactly_once.purge``)."""
+        return f"{self.namespace}:purged"
+
     def lock_prefix(self) -> str:
         return f"/{self.namespace}/locks/"
 

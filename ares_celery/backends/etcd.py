@@ -7,6 +7,10 @@ commit marker and delete the lock, all in the same transaction. Results
 hang off a shared, hourly lease so they expire like Celery's
 ``result_expires`` instead of piling up.
 
+The commit marker records the job's request id, so ``AsyncResult.forget()``,
+which knows only the job id, can retire the whole job
+(:mod:`ares_celery.exactly_once.retire`).
+
 Select it with ``ares_result_store = "etcd"``. ``AsyncResult.get()`` polls
 (etcd has no pub/sub that fits Celery's consumer); the Redis backend is the
 lower-latency choice.
@@ -22,11 +26,26 @@ from typing import Any, ClassVar
 from celery.backends.base import KeyValueStoreBackend
 from kombu.utils.encoding import bytes_to_str
 
-from ..clients.etcd import EtcdGateway, cmp_version, op_delete, op_put, op_range
+from ..clients.etcd import (
+    EtcdGateway,
+    KeyValue,
+    cmp_value,
+    cmp_version,
+    op_delete,
+    op_put,
+    op_range,
+)
 from ..coordination.mutex import ownership_compare
+from ..exactly_once.retire import retire_forgotten
 from ..keys import Keys
 from ..settings import AresSettings
-from .fencing import TERMINAL_STATES, mark_committed, report_rejected, token_for
+from .fencing import (
+    TERMINAL_STATES,
+    committed_request_id,
+    mark_committed,
+    report_rejected,
+    token_for,
+)
 
 #: How Celery names this backend in ``result_backend`` ("module:Class+url").
 BACKEND_PATH = "ares_celery.backends.etcd:FencedEtcdBackend"
@@ -117,7 +136,9 @@ class FencedEtcdBackend(KeyValueStoreBackend):
         compare = [cmp_version(done_key, 0)]
         success = [op_put(result_key, self.encode(meta), lease)]
         if terminal:
-            marker = json.dumps({"token": token, "state": state})
+            marker = json.dumps({
+                "token": token, "state": state,
+                "request": committed_request_id(task_id, request)})
             success.append(op_put(done_key, marker, lease))
             if token:
                 compare.append(ownership_compare(lock_key, token))
@@ -131,6 +152,7 @@ class FencedEtcdBackend(KeyValueStoreBackend):
         ranges = outcome.ranges()
         done = ranges[0] if ranges else []
         if done:
+            self._note_request(done[0], committed_request_id(task_id, request))
             committed = json.loads(done[0].value).get("token", 0)
             if token and committed == token:
                 return result  # our own commit, retried after a lost reply
@@ -142,3 +164,55 @@ class FencedEtcdBackend(KeyValueStoreBackend):
             report_rejected(task_id, state, token, "fenced", "a newer holder")
         return result
 
+
+    def _note_request(self, done: KeyValue, request_id: str) -> None:
+        """A revoke marks a job REVOKED before its message is seen (no
+        request id then); the message, discarded later, still names it:
+        add it to the marker, if the marker is still the one we read."""
+        try:
+            marker = json.loads(done.value)
+        except ValueError:
+            return
+        if not request_id or marker.get("request"):
+            return
+        marker["request"] = request_id
+        self.etcd.txn([cmp_value(done.key, done.value)],
+                      [op_put(done.key, json.dumps(marker), done.lease)])
+
+    def on_task_call(self, producer, task_id):
+        """Publishing ``task_id`` means a new run of it (after a retire): a
+        result cached from before is stale."""
+        self._cache.pop(task_id, None)
+        super().on_task_call(producer, task_id)
+
+    # -- retiring a job (forget) -------------------------------------------
+
+    def commit_record(self, job_id: str) -> dict[str, str]:
+        """The job's commit marker: ``state``, ``committed`` (the token)
+        and ``request`` (its request id), or {} if it is not committed."""
+        kv = self.etcd.get(self._keys.done(job_id))
+        if kv is None:
+            return {}
+        try:
+            marker = json.loads(kv.value)
+        except ValueError:
+            marker = {}
+        return {"state": str(marker.get("state", "")),
+                "committed": str(marker.get("token", 0)),
+                "request": str(marker.get("request") or "")}
+
+    def retire_ops(self, job_id: str) -> list[dict]:
+        """The result and the commit marker go in the same Txn that checks
+        nobody holds the job's lock."""
+        return [op_delete(self._keys.result(job_id)),
+                op_delete(self._keys.done(job_id))]
+
+    def retire_commit(self, job_id: str) -> None:
+        """Nothing left to delete (:meth:`retire_ops` did it)."""
+        self._cache.pop(job_id, None)
+
+    def _forget(self, task_id):
+        """``AsyncResult.forget()``: retire the whole job, not only its
+        result, so a retry with its request id runs it again (refused
+        while a live holder has the job)."""
+        retire_forgotten(self.app, self, bytes_to_str(task_id))

@@ -10,9 +10,11 @@ to write-once.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import states
 
+from .. import headers as wire
 from ..exactly_once import context
 from ..observability import events
 from ..observability.metrics import count_commit
@@ -35,6 +37,24 @@ def token_for(task_id: str) -> int:
     """The fencing token for a write of ``task_id`` from this thread, or 0."""
     ctx = context.lookup(task_id)
     return ctx.fencing_token if ctx is not None else 0
+
+
+def committed_request_id(task_id: str, request: Any) -> str:
+    """The request id to record with a commit ("" if none): the running
+    job's, else the one on the message (the worker's main process commits
+    REVOKED for a revoked message with no job running). Recorded so that
+    ``AsyncResult.forget()``, which only knows the job id, can retire the
+    request id too."""
+    ctx = context.lookup(task_id)
+    if ctx is not None and ctx.request_id:
+        return str(ctx.request_id)
+    if request is None:
+        return ""
+    try:
+        value = wire.header(request, wire.REQUEST_ID)
+    except Exception:  # noqa: BLE001 - an odd request object: no id
+        return ""
+    return str(value) if value else ""
 
 
 def report_rejected(task_id: str, state: str, token: int, reason: str,

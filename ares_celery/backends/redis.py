@@ -5,6 +5,10 @@ committed before (write-once) or if the writer's fencing token is smaller
 than the highest token any lease holder of the job registered (a zombie),
 and otherwise stores the meta and PUBLISHes it exactly like Celery's own
 Redis backend, so ``AsyncResult.get()`` wakes up at once.
+
+The commit marker (in the job's hash, next to its fence) also records the
+job's request id, so that ``AsyncResult.forget()``, which knows only the job
+id, can retire the whole job (:mod:`ares_celery.exactly_once.retire`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ from celery.backends.redis import RedisBackend
 from kombu.utils.encoding import bytes_to_str
 
 from ..errors import ConfigurationError
+from ..exactly_once.retire import retire_forgotten
 from ..keys import Keys
 from ..settings import AresSettings
-from .fencing import TERMINAL_STATES, mark_committed, report_rejected, token_for
+from .fencing import (
+    TERMINAL_STATES,
+    committed_request_id,
+    mark_committed,
+    report_rejected,
+    token_for,
+)
 
 #: How Celery names this backend in ``result_backend`` ("module:Class+url").
 BACKEND_PATH = "ares_celery.backends.redis:FencedRedisBackend"
@@ -35,7 +46,14 @@ if token > 0 then
   end
 end
 local committed = redis.call('HGET', KEYS[2], 'committed')
-if committed then return {0, 'duplicate', committed} end
+if committed then
+  -- A revoke marks a job REVOKED before its message is seen (no request
+  -- id then); the message, discarded later, still names it: note it.
+  if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[2], 'request') == 0 then
+    redis.call('HSET', KEYS[2], 'request', ARGV[8])
+  end
+  return {0, 'duplicate', committed}
+end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
@@ -45,6 +63,7 @@ end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6])
+  if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 'request', ARGV[8]) end
   redis.call('HINCRBY', KEYS[2], 'commits', 1)
   if ttl > 0 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
 end
@@ -58,6 +77,13 @@ if tonumber(ARGV[1]) > fence then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return redis.call('HGET', KEYS[1], 'committed')
+"""
+
+# Retire a commit: the result and the marker go, the fence stays (a zombie
+# of an earlier tenure must stay fenced when the job runs again).
+_RETIRE = """
+redis.call('DEL', KEYS[1])
+return redis.call('HDEL', KEYS[2], 'committed', 'state', 'request', 'commits')
 """
 
 
@@ -91,6 +117,7 @@ class FencedRedisBackend(RedisBackend):
         self._dedup_ttl = int(self.app.conf.get("ares_dedup_ttl", 86400))
         self._commit_script = self.client.register_script(_COMMIT)
         self._fence_script = self.client.register_script(_FENCE)
+        self._retire_script = self.client.register_script(_RETIRE)
 
     # -- used by the task before the body runs ---------------------------
 
@@ -119,7 +146,8 @@ class FencedRedisBackend(RedisBackend):
         # or the retry would republish (and re-run) a finished job.
         marker_ttl = max(int(expires or 0), self._dedup_ttl)
         args = [self.encode(meta), "1" if terminal else "0", token,
-                int(expires or 0), task_id, state, marker_ttl]
+                int(expires or 0), task_id, state, marker_ttl,
+                committed_request_id(task_id, request)]
         accepted, reason, current = self.ensure(
             lambda: self._commit_script(keys=keys, args=args), ())
         reason, current = bytes_to_str(reason), bytes_to_str(current)
@@ -132,3 +160,50 @@ class FencedRedisBackend(RedisBackend):
             report_rejected(task_id, state, token, reason, current)
         return result
 
+
+    def on_task_call(self, producer, task_id):
+        """Publishing ``task_id`` means a new run of it: drop any state this
+        client buffered for it before (Celery keeps REVOKED metas in
+        ``_pending_messages`` for late waiters), or a ``get()`` after a
+        retire-and-retry would return the old state. The store stays the
+        truth: a waiter still reads the committed meta from it."""
+        self._drop_buffered(task_id)
+        super().on_task_call(producer, task_id)
+
+    def _drop_buffered(self, task_id: str) -> None:
+        self._cache.pop(task_id, None)
+        pending = self._pending_messages
+        try:
+            buffered = pending.pop(task_id)
+        except KeyError:
+            return
+        pending.total -= len(buffered)
+
+    # -- retiring a job (forget) -------------------------------------------
+
+    def commit_record(self, job_id: str) -> dict[str, str]:
+        """The job's commit marker: ``state``, ``committed`` (the token)
+        and ``request`` (its request id), or {} if it is not committed."""
+        raw = self.ensure(lambda: self.client.hgetall(self._keys.job(job_id)),
+                          ())
+        record = {bytes_to_str(k): bytes_to_str(v) for k, v in raw.items()}
+        return record if "committed" in record else {}
+
+    def retire_ops(self, job_id: str) -> list[dict]:
+        """etcd ops that retire the commit in the same Txn as the job's
+        lock check: none, the commit lives in Redis."""
+        return []
+
+    def retire_commit(self, job_id: str) -> None:
+        """Delete the result and the commit marker, keep the fence."""
+        self.ensure(lambda: self._retire_script(
+            keys=[self.get_key_for_task(job_id), self._keys.job(job_id)],
+            args=[]), ())
+        self._drop_buffered(job_id)
+
+    def _forget(self, task_id):
+        """``AsyncResult.forget()``: retire the whole job, not only its
+        result, so a retry with its request id runs it again instead of
+        finding "committed" with no result (refused while a live holder
+        has the job)."""
+        retire_forgotten(self.app, self, bytes_to_str(task_id))

@@ -36,6 +36,17 @@ class FencedStore(Protocol):
         the store fences by comparing tokens) and return the committed
         token if the job is already committed (the body must not run)."""
 
+    def commit_record(self, job_id: str) -> dict[str, str]:
+        """``state``, ``committed`` (token), ``request`` of the commit, or
+        {}: what retiring a job (``celery ares forget``) reads first."""
+
+    def retire_ops(self, job_id: str) -> list[dict]:
+        """etcd ops deleting the commit, run in the Txn that checks the
+        job's lock is not held (empty when the commit is not in etcd)."""
+
+    def retire_commit(self, job_id: str) -> None:
+        """Delete whatever of the commit :meth:`retire_ops` did not."""
+
     @classmethod
     def result_backend_url(cls, current: Any, settings: AresSettings) -> str:
         """The ``result_backend`` value that installs this store, given the

@@ -13,6 +13,12 @@ message and records it as unacked in two steps, so a Redis crash between
 them drops it. A retried submission of a job that was published long ago
 (``ares_republish_after``) and is still not committed therefore publishes it
 again: clients that retry heal what the broker lost.
+
+An operator can lose messages on purpose, too: ``celery purge`` records
+when it ended (:meth:`DedupStore.record_purge`), and a retry of a job that
+was published before the last purge and is not committed publishes it again
+at once (a copy that survived the purge is skipped or deferred by layers 2
+and 3). ``celery ares forget`` retires a request id (:meth:`DedupStore.forget`).
 """
 
 from __future__ import annotations
@@ -45,11 +51,17 @@ if f[2] ~= ARGV[3] or f[3] ~= ARGV[4] then
   return {'conflict', f[1] or '', f[2] or ''}
 end
 if f[4] == 'published' then
+  local at = tonumber(f[5] or '0')
   local after = tonumber(ARGV[7])
-  if after > 0 and now - tonumber(f[5] or '0') > after
-      and redis.call('HEXISTS', KEYS[2], 'committed') == 0 then
+  local why = nil
+  if at <= tonumber(redis.call('GET', KEYS[3]) or '-1') then
+    why = 'purged'
+  elseif after > 0 and now - at > after then
+    why = 'stale'
+  end
+  if why and redis.call('HEXISTS', KEYS[2], 'committed') == 0 then
     redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'at', now)
-    return {'republish', f[1]}
+    return {'republish', f[1], why}
   end
   return {'published', f[1]}
 end
@@ -61,12 +73,14 @@ return {'pending', f[1]}
 """
 
 _MARK_PUBLISHED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'state', 'published')
+  redis.call('HSET', KEYS[1], 'state', 'published', 'at', now)
   return 1
 end
 redis.call('HSET', KEYS[1], 'job', ARGV[1], 'task', ARGV[2],
-           'digest', ARGV[3], 'state', 'published')
+           'digest', ARGV[3], 'state', 'published', 'at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 0
 """
@@ -79,12 +93,23 @@ end
 return 0
 """
 
+_RECORD_PURGE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], now, 'EX', ARGV[1])
+return now
+"""
+
 
 @dataclass(frozen=True)
 class Reservation:
     outcome: Outcome
     job_id: str
     owner: str
+    #: Why a ``republish``: ``"stale"`` (published ``ares_republish_after``
+    #: ago, the broker may have lost it) or ``"purged"`` (published before
+    #: the last ``celery purge``).
+    reason: str = ""
 
     @property
     def must_publish(self) -> bool:
@@ -106,6 +131,7 @@ class DedupStore:
         self._reserve = client.register_script(_RESERVE)
         self._published = client.register_script(_MARK_PUBLISHED)
         self._rollback = client.register_script(_ROLLBACK)
+        self._record_purge = client.register_script(_RECORD_PURGE)
 
     def reserve(self, request_id: str, job_id: str, task_name: str,
                 digest: str) -> Reservation:
@@ -121,7 +147,8 @@ class DedupStore:
         pause = 0.001
         while True:
             outcome, *rest = self._call(
-                self._reserve, [key, self._keys.job(job_id)],
+                self._reserve,
+                [key, self._keys.job(job_id), self._keys.purged()],
                 [owner, job_id, task_name, digest, self._ttl, self._claim_ms,
                  self._republish_ms])
             outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
@@ -132,7 +159,8 @@ class DedupStore:
                     f"of task {found[1]!r} with different arguments; "
                     "use a new request id for different work")
             if outcome != "pending":
-                return Reservation(outcome, found[0], owner)
+                return Reservation(outcome, found[0], owner,
+                                   found[1] if len(found) > 1 else "")
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(
                     f"request_id {request_id!r} stayed reserved but "
@@ -152,6 +180,33 @@ class DedupStore:
             self._call(self._rollback, [self._keys.dedup(request_id)], [owner])
         except ServiceUnavailable:
             pass  # the claim goes stale by itself and a retry takes it over
+
+    def record_purge(self) -> int:
+        """Note that queues were purged just now (Redis clock, ms): every
+        job published before this and not committed is published again by
+        its next retry. Kept as long as a dedup record can live, since only
+        records older than the purge need it."""
+        return int(self._call(self._record_purge, [self._keys.purged()],
+                              [max(self._ttl, 1)]))
+
+    def last_purge(self) -> int | None:
+        """When the last recorded purge ended (ms), if one is remembered."""
+        with unavailable_as_ares_error(self._url):
+            value = self._redis.get(self._keys.purged())
+        return int(value) if value is not None else None
+
+    def record(self, request_id: str) -> dict[str, str]:
+        """The request's dedup record (job, task, state...), or {}."""
+        with unavailable_as_ares_error(self._url):
+            raw = self._redis.hgetall(self._keys.dedup(request_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def forget(self, request_id: str) -> bool:
+        """Retire the request id: its next submission is new (same job id,
+        since that is derived from the request id). True if a record was
+        there."""
+        with unavailable_as_ares_error(self._url):
+            return bool(self._redis.delete(self._keys.dedup(request_id)))
 
     def _call(self, script, keys, args):
         with unavailable_as_ares_error(self._url):

@@ -134,7 +134,12 @@ class Submitter:
         count_request("new" if reservation.must_publish else "duplicate")
         if not reservation.must_publish:
             return result_for(job_id)
-        if reservation.outcome == "republish":
+        if reservation.outcome == "republish" \
+                and reservation.reason == "purged":
+            logger.warning(
+                "ares: job %s (%s) was published before the last purge and "
+                "is not committed; publishing it again", job_id, shown)
+        elif reservation.outcome == "republish":
             logger.warning(
                 "ares: job %s (%s) was published %ss+ ago and is not "
                 "committed; publishing it again in case the broker lost it",
