@@ -98,6 +98,21 @@ def test_request_id_set_on_a_later_step_names_the_workflow(jobs, worker,
     assert runs(store, first, first.parent) == [1, 1]
 
 
+def test_request_id_set_on_a_chord_body_names_the_chord(jobs, worker,
+                                                        store):
+    def submit():
+        return chord([jobs.add.s(1, 1), jobs.add.s(2, 2)],
+                     jobs.total.s().set(request_id="wf-body")).apply_async()
+
+    first = submit()
+    assert first.get(timeout=30) == 6
+    again = submit()
+    assert again.id == first.id == job_id_for("ares", "wf-body")
+    header = [job_id_for("ares", f"wf-body#{i}") for i in (0, 1)]
+    assert [len(executions(store, j)) for j in header] == [1, 1]
+    assert runs(store, first) == [1]
+
+
 def test_concurrent_submissions_of_one_workflow(jobs, worker, store):
     results, errors = [], []
 
