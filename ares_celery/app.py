@@ -16,6 +16,7 @@ from .backends.registry import store_class
 from .errors import AresWarning, ConfigurationError
 from .exactly_once import canvas, context
 from .exactly_once import control as _control  # noqa: F401 - registers ares_unrevoke
+from .exactly_once.beat import check_beat_schedule
 from .exactly_once.context import JobContext
 from .exactly_once.eager import EagerRuntime
 from .exactly_once.execution import JobRuntime
@@ -54,6 +55,7 @@ class Ares:
         self.app = app
         self.settings = settings = AresSettings.from_conf(app.conf)
         check_serializers(app.conf)
+        check_beat_schedule(app.conf)
         store = store_class(settings.result_store)
         app.conf.result_backend = store.result_backend_url(
             app.conf.get("result_backend"), settings)
@@ -88,6 +90,7 @@ class Ares:
         signals.worker_process_shutdown.connect(self._on_shutdown, weak=False)
         signals.worker_shutdown.connect(self._on_shutdown, weak=False)
         signals.worker_init.connect(self._on_worker_init, weak=False)
+        signals.beat_init.connect(self._on_beat_init, weak=False)
 
     @property
     def gpu_worker(self) -> GpuHost | None:
@@ -243,6 +246,19 @@ class Ares:
         # Settings may have been changed after Ares(app); check again.
         check_serializers(self.app.conf)
         warn_on_visibility_timeout(self.app.conf, self.settings.lease_ttl)
+
+    def _on_beat_init(self, sender: Any = None, **_: Any) -> None:
+        """``beat_schedule`` may be set after ``Ares(app)``, and only here
+        is the scheduler known (a plain one sends a ``{slot}`` template
+        literally). Celery logs and swallows a signal handler's exception,
+        so a bad schedule ends beat with SystemExit instead."""
+        if sender is None or sender.app is not self.app:
+            return
+        try:
+            check_beat_schedule(sender.app.conf,
+                                scheduler=sender.scheduler_cls)
+        except ConfigurationError as exc:
+            raise SystemExit(f"ares: {exc}") from exc
 
     def _on_shutdown(self, **_: Any) -> None:
         self.services.close()
