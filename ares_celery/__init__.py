@@ -11,6 +11,7 @@ from .errors import (
     LeaseLost,
     RequestIdConflict,
     ServiceUnavailable,
+    UnknownSettingWarning,
 )
 from .exactly_once.context import JobContext
 
@@ -27,5 +28,6 @@ __all__ = [
     "LeaseLost",
     "RequestIdConflict",
     "ServiceUnavailable",
+    "UnknownSettingWarning",
 ]
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ MATRIX_GAP = 2
 
 def format_matrix(topo: HostTopology) -> str:
     """An ``nvidia-smi topo -m``-like matrix, each link's label followed by
-    its GB/s (``NV12/NVSwitch 300``).
+    its GB/s (``NV12/NVSwitch 300``), then each GPU's NUMA node.
 
     Every column is as wide as the widest cell anywhere in the matrix plus
     :data:`MATRIX_GAP`, so labels of any length never run into the next
@@ -52,13 +52,16 @@ def format_matrix(topo: HostTopology) -> str:
     heads = [f"GPU{j}" for j in indices]
     width = max(len(text) for text in [*cells.values(), *heads]) + MATRIX_GAP
     first = max(len(head) for head in heads) + MATRIX_GAP
-    lines = [(" " * first + "".join(h.ljust(width) for h in heads)).rstrip()]
+    numa = {i: topo.gpu(i).numa_node for i in indices}
+    tail = "NUMA" if any(n is not None for n in numa.values()) else ""
+    lines = [(" " * first + "".join(h.ljust(width) for h in heads)
+              + tail).rstrip()]
     for i in indices:
         row = f"GPU{i}".ljust(first) + "".join(
             cells[i, j].ljust(width) for j in indices)
-        gpu = topo.gpu(i)
-        numa = "" if gpu.numa_node is None else f"NUMA {gpu.numa_node}"
-        lines.append((row + numa).rstrip())
+        if tail:
+            row += "-" if numa[i] is None else str(numa[i])
+        lines.append(row.rstrip())
     return "\n".join(lines)
 
 
@@ -195,7 +198,7 @@ def _read_lock(services, job_id: str):
 
 def _unknown_job(instance, ref: str, job_id: str, rid: str | None) -> str:
     named = f"request id {rid!r} (job id {job_id})" if rid else \
-        f"job id {job_id}"
+        f"job id {job_id} (nor about it as a request id)"
     settings = instance.settings
     return (f"ares knows nothing about {named}: no submission record, lock, "
             "job record, worker reservation, fence or stored result in "
@@ -235,7 +238,9 @@ def job(ctx: click.Context, ref: str) -> None:
         raise click.ClickException(
             _unknown_job(instance, ref, candidates[0][0], candidates[0][1]))
     decoded, lock, holder = view.record, view.lock, view.holder
-    click.echo(f"job        {job_id}" + (f" (request id {rid!r})" if rid else ""))
+    rid = view.request_id
+    click.echo(f"job        {view.job_id}"
+               + (f" (request id {rid!r})" if rid else ""))
     if view.dedup:
         click.echo(f"submitted  {view.dedup.get('state', '?')} "
                    f"(task {view.dedup.get('task', '?')})")

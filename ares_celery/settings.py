@@ -10,10 +10,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .clients.etcd import EtcdGateway, endpoint_schemes, parse_endpoints
+from .clients.etcd import EtcdGateway
+from .clients.etcd_endpoints import endpoint_schemes, parse_endpoints
 from .clients.etcd_security import EtcdSecurity
 from .clients.redis import redact_url
 from .errors import ConfigurationError
+from .unknown_settings import NOT_SETTINGS, warn_unknown_settings
 
 LEASE_TTL_MIN = 2
 LEASE_TTL_MAX = 3600
@@ -43,23 +45,81 @@ DEFAULTS: dict[str, Any] = {
     "ares_metrics_port": None,         # workers: Prometheus port, or "host:port"
 }
 
+def _kind(value: Any) -> str:
+    return f"{value!r} (a {type(value).__name__})"
+
+
+def _bound(limit: float) -> str:
+    return str(int(limit)) if float(limit).is_integer() else str(limit)
+
 
 def _number(name: str, value: Any, low: float, high: float,
             integer: bool = False) -> Any:
+    """A number in ``[low, high]``; a string such as ``"30"`` (what an
+    environment variable gives) is refused, not guessed at."""
+    what = "a whole number" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{name} must be a number, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be {what} from {_bound(low)} to {_bound(high)}, "
+            f"got {_kind(value)}")
     if integer and int(value) != value:
-        raise ConfigurationError(f"{name} must be a whole number, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be {what} from {_bound(low)} to {_bound(high)}, "
+            f"got {value!r}")
     if not low <= value <= high:
         raise ConfigurationError(
-            f"{name}={value!r} is out of range [{low}, {high}]")
+            f"{name}={value!r} is out of range [{_bound(low)}, "
+            f"{_bound(high)}]")
     return int(value) if integer else float(value)
 
 
 def _flag(name: str, value: Any) -> bool:
+    """Only ``True`` or ``False``: ``"false"`` is a true string, so
+    accepting truthy values would turn features on by accident."""
     if not isinstance(value, bool):
-        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be True or False, got {_kind(value)}")
     return value
+
+
+def _directory(name: str, value: Any) -> str | None:
+    """``None`` or a non-empty path (``str`` or ``os.PathLike``); it need
+    not exist where the settings are read, only on the hosts that use it."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ConfigurationError(
+            f"{name} must be a directory path (a str or pathlib.Path) or "
+            f"None, got {_kind(value)}")
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise ConfigurationError(
+            f"{name} must be a text path, got {_kind(value)}")
+    return path
+
+
+def _redis_url(conf: Any, value: Any) -> str:
+    """``ares_redis_url``, else the broker URL: a ``redis://``,
+    ``rediss://`` (with certificate checks) or ``unix://`` URL."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(
+            "ares_redis_url must be a redis:// or rediss:// URL string, "
+            f"got a {type(value).__name__}")
+    redis_url = value or conf.get("broker_url")
+    if not redis_url or not str(redis_url).startswith(
+            ("redis://", "rediss://", "unix://")):
+        shown = redact_url(str(redis_url)) if redis_url else redis_url
+        raise ConfigurationError(
+            "ares_redis_url must be a redis:// or rediss:// URL "
+            f"(got {shown!r}); set it or use a Redis broker")
+    if str(redis_url).startswith("rediss://") \
+            and "ssl_cert_reqs=" not in str(redis_url):
+        raise ConfigurationError(
+            f"{redact_url(str(redis_url))}: a rediss:// URL needs "
+            "?ssl_cert_reqs=required (plus ssl_ca_certs=, and "
+            "ssl_certfile=/ssl_keyfile= for client certificates); "
+            "Celery's Redis result backend refuses it without")
+    return str(redis_url)
 
 
 def _readable_file(name: str, value: Any) -> str | None:
@@ -108,7 +168,10 @@ def etcd_security(values: dict[str, Any]) -> EtcdSecurity:
     for name, value in (("ares_etcd_user", user),
                         ("ares_etcd_password", password)):
         if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigurationError(f"{name} must be a non-empty string")
+            # The type, never the value: it may be the password.
+            raise ConfigurationError(
+                f"{name} must be a non-empty string or None, got a "
+                f"{type(value).__name__}")
     if (user is None) != (password is None):
         raise ConfigurationError(
             "ares_etcd_user and ares_etcd_password go together "
@@ -173,22 +236,14 @@ class AresSettings:
 
     @classmethod
     def from_conf(cls, conf: Any) -> AresSettings:
+        """Read and check every ``ares_*`` setting: a wrong type or value
+        is a :class:`ConfigurationError` naming the setting; an ``ares_*``
+        name that is not a setting warns with the closest one."""
         values = {key: conf.get(key, default)
                   for key, default in DEFAULTS.items()}
-        redis_url = values["ares_redis_url"] or conf.get("broker_url")
-        if not redis_url or not str(redis_url).startswith(
-                ("redis://", "rediss://", "unix://")):
-            shown = redact_url(str(redis_url)) if redis_url else redis_url
-            raise ConfigurationError(
-                "ares_redis_url must be a redis:// or rediss:// URL "
-                f"(got {shown!r}); set it or use a Redis broker")
-        if str(redis_url).startswith("rediss://") \
-                and "ssl_cert_reqs=" not in str(redis_url):
-            raise ConfigurationError(
-                f"{redact_url(str(redis_url))}: a rediss:// URL needs "
-                "?ssl_cert_reqs=required (plus ssl_ca_certs=, and "
-                "ssl_certfile=/ssl_keyfile= for client certificates); "
-                "Celery's Redis result backend refuses it without")
+        # After the reads above: they finalize Celery's lazy configuration.
+        warn_unknown_settings(conf, DEFAULTS, NOT_SETTINGS, stacklevel=3)
+        redis_url = _redis_url(conf, values["ares_redis_url"])
         lease_ttl = _number("ares_lease_ttl", values["ares_lease_ttl"],
                             LEASE_TTL_MIN, LEASE_TTL_MAX, integer=True)
         namespace = values["ares_namespace"]
@@ -208,7 +263,7 @@ class AresSettings:
                 "ares_cuda_visible_devices must be 'index' or 'uuid', "
                 f"got {visible!r}")
         return cls(
-            redis_url=str(redis_url),
+            redis_url=redis_url,
             etcd_endpoints=parse_endpoints(values["ares_etcd_endpoints"]),
             etcd_timeout=_number("ares_etcd_timeout",
                                  values["ares_etcd_timeout"], 0.05, 60),
@@ -235,7 +290,8 @@ class AresSettings:
                 values["ares_redis_max_connections"], 2, 10000, integer=True),
             gpu_wait_timeout=_number("ares_gpu_wait_timeout",
                                      values["ares_gpu_wait_timeout"], 0, 86400),
-            gpu_state_dir=values["ares_gpu_state_dir"],
+            gpu_state_dir=_directory("ares_gpu_state_dir",
+                                     values["ares_gpu_state_dir"]),
             cuda_visible_devices=visible,
             metrics_listen=metrics_listen("ares_metrics_port",
                                           values["ares_metrics_port"]),

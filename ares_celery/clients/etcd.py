@@ -28,7 +28,9 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
-from ..errors import AuthenticationFailed, ConfigurationError, ServiceUnavailable
+from ..errors import AuthenticationFailed, ServiceUnavailable
+from .etcd_endpoints import parse_endpoints
+from .etcd_failures import Failure, error_text, unreachable_message, why
 from .etcd_security import EtcdSecurity, TokenCache, token_rejected
 
 _TRANSIENT = (
@@ -168,38 +170,6 @@ def prefix_end(prefix: str) -> bytes:
     return bytes(raw)
 
 
-def parse_endpoints(endpoints: str | Iterable[str]) -> list[tuple[str, int]]:
-    """Turn ``["host:port", ...]`` (or a comma-separated string) into pairs."""
-    if isinstance(endpoints, str):
-        endpoints = [e for e in endpoints.split(",") if e.strip()]
-    parsed = []
-    for raw in endpoints:
-        if isinstance(raw, tuple) and len(raw) == 2:
-            parsed.append((str(raw[0]), int(raw[1])))
-            continue
-        item = str(raw).strip()
-        for scheme in ("http://", "https://"):
-            if item.startswith(scheme):
-                item = item[len(scheme):]
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigurationError(
-                f"ares_etcd_endpoints entry {raw!r} is not 'host:port'")
-        parsed.append((host.strip("[]"), int(port)))
-    if not parsed:
-        raise ConfigurationError("ares_etcd_endpoints is empty")
-    return parsed
-
-
-def endpoint_schemes(endpoints: str | Iterable[str]) -> set[str]:
-    """The schemes the endpoints are written with ("http", "https"); an
-    endpoint without one adds nothing."""
-    if isinstance(endpoints, str):
-        endpoints = endpoints.split(",")
-    return {str(raw).strip().split("://", 1)[0] for raw in endpoints
-            if not isinstance(raw, tuple) and "://" in str(raw)}
-
-
 class _Response:
     """The part of ``requests.Response`` that etcd3gw reads."""
 
@@ -332,14 +302,6 @@ def _detail(exc: Exception) -> str:
     return getattr(exc, "detail_text", None) or str(exc)
 
 
-def _error_text(detail: str) -> str:
-    """The ``error`` field of an etcd JSON error body, else the body."""
-    try:
-        return str(json.loads(detail).get("error") or detail)
-    except (ValueError, AttributeError):
-        return detail
-
-
 class EtcdGateway:
     """Thread-safe etcd access with endpoint fail-over.
 
@@ -402,14 +364,14 @@ class EtcdGateway:
                 return {}
             raise AuthenticationFailed(
                 f"etcd at {self.address} refused user {body['name']!r}: "
-                f"{_error_text(detail)}; check ares_etcd_user and "
+                f"{error_text(detail)}; check ares_etcd_user and "
                 "ares_etcd_password") from None
 
     def _post_any(self, path: str, body: dict[str, Any],
                   token: str | None) -> dict[str, Any]:
         """POST to the preferred endpoint, failing over to the others."""
         headers = {"Authorization": token} if token else {}
-        errors = []
+        failures = []
         count = len(self.endpoints)
         start = self._preferred
         for step in range(count):
@@ -419,14 +381,12 @@ class EtcdGateway:
                 result = client.post(client.get_url(path),
                                      data=json.dumps(body), headers=headers)
             except _TRANSIENT as exc:
-                errors.append(f"{self.endpoints[index][0]}:"
-                              f"{self.endpoints[index][1]}: {exc}")
+                failures.append(self._failure(index, exc))
                 continue
             except etcd_exc.Etcd3Exception as exc:
                 detail = _detail(exc)
                 if _transient(exc, detail):
-                    errors.append(f"{self.endpoints[index]}: "
-                                  f"{exc} {detail}".strip())
+                    failures.append(self._failure(index, exc))
                     continue
                 if "permission denied" in detail:
                     raise AuthenticationFailed(
@@ -437,7 +397,13 @@ class EtcdGateway:
             self._preferred = index
             return result
         raise ServiceUnavailable(
-            f"etcd unreachable at {self.address}: " + "; ".join(errors))
+            unreachable_message(failures, self.timeout))
+
+    def _failure(self, index: int, exc: Exception) -> Failure:
+        host, port = self.endpoints[index]
+        reason, kind = why(exc, self.timeout)
+        host = f"[{host}]" if ":" in host else host
+        return Failure(f"{host}:{port}", reason, kind)
 
     # -- kv --------------------------------------------------------------
 
@@ -500,8 +466,10 @@ class EtcdGateway:
                                     timeout=(self.timeout, None))
         except requests.exceptions.RequestException as exc:
             session.close()
-            raise ServiceUnavailable(
-                f"etcd watch unavailable at {host}:{port}: {exc}") from exc
+            reason, kind = why(exc, self.timeout)
+            raise ServiceUnavailable(unreachable_message(
+                [Failure(f"{host}:{port}", reason, kind)], self.timeout,
+                what="etcd watch unavailable")) from exc
         return WatchStream(session, response)
 
     def count_prefix(self, prefix: str) -> int:

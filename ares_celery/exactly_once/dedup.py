@@ -134,8 +134,11 @@ class DedupStore:
         self._record_purge = client.register_script(_RECORD_PURGE)
 
     def reserve(self, request_id: str, job_id: str, task_name: str,
-                digest: str) -> Reservation:
+                digest: str, label: str | None = None) -> Reservation:
         """Claim the right to publish, or learn that someone else did.
+
+        ``label`` names the key in a conflict's message (``task_id '...'``
+        for a job named by its task id).
 
         Blocks (polling with a deadline) while another submitter holds a
         fresh claim, so that a call that returns always means the message
@@ -154,10 +157,14 @@ class DedupStore:
             outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
             found = [r.decode() if isinstance(r, bytes) else r for r in rest]
             if outcome == "conflict":
+                job, other = found[0], found[1]
+                why = (f"of task {other!r}, but you submitted task "
+                       f"{task_name!r}" if other != task_name else
+                       f"of task {other!r} with different arguments")
+                named = label or f"request_id {request_id!r}"
                 raise RequestIdConflict(
-                    f"request_id {request_id!r} already names job {found[0]} "
-                    f"of task {found[1]!r} with different arguments; "
-                    "use a new request id for different work")
+                    f"{named} already names job {job} {why}; use a new "
+                    "one for different work")
             if outcome != "pending":
                 return Reservation(outcome, found[0], owner,
                                    found[1] if len(found) > 1 else "")

@@ -121,15 +121,10 @@ class Submitter:
         services.require_etcd()
         digest = submission_digest(name, args, kwargs)
         try:
-            reservation = services.dedup.reserve(rid, job_id, name, digest)
-        except RequestIdConflict as exc:
+            reservation = services.dedup.reserve(rid, job_id, name, digest,
+                                                 label=shown)
+        except RequestIdConflict:
             count_request("conflict")
-            if request_id is None:
-                raise RequestIdConflict(
-                    f"{shown} already names job {job_id} with another task "
-                    f"or other arguments than {name}{_shown_args(args, kwargs)}"
-                    "; a task id names one piece of work: use a new one (or "
-                    "a request_id) for different work") from exc
             raise
         count_request("new" if reservation.must_publish else "duplicate")
         if not reservation.must_publish:
@@ -192,8 +187,3 @@ def _is_own_retry(task: Task, task_id: str) -> bool:
     is the job continuing, not a new submission naming it."""
     request = task.request
     return not request.called_directly and request.id == task_id
-
-
-def _shown_args(args: Any, kwargs: Any) -> str:
-    shown = repr((tuple(args or ()), dict(kwargs or {})))
-    return shown if len(shown) <= 80 else shown[:77] + "..."

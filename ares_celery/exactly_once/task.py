@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from celery import Task, current_task
+from celery import Task
 
 from ..errors import ConfigurationError, LeaseLost
 from . import context
@@ -109,7 +109,7 @@ class ExactlyOnceTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.request.called_directly:
-            outer = current_task
+            outer = self._get_app().current_task
             if outer is not None and outer.name in MAP_TASKS:
                 # xmap(task.s(), ...) built by hand reaches us this way.
                 raise refuse_looped(self.name, outer.name)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ares_celery.errors import NvmlUnavailable
 from ares_celery.gpu.devices import Gpu, Link
+from ares_celery.gpu.mock_topologies import MOCK_TOPOLOGY_NAMES
 from ares_celery.gpu.model import HostTopology
 
 T = TypeVar("T")
@@ -43,13 +44,25 @@ _GPU = 0  # NVML_NVLINK_DEVICE_TYPE_GPU
 _MIG_ENABLED = 1  # NVML_DEVICE_MIG_ENABLE
 
 
+#: What to do on a host without GPUs: the ways a user actually selects a
+#: mock topology (the worker option, the CLI option, the environment
+#: variable ``discovery.MOCK_ENV``), not the Python function behind them.
+NO_GPU_HINT = (
+    "On a host without GPUs, pretend with a mock topology: "
+    "`celery -A proj worker --ares-mock-gpus NAME`, "
+    "`celery -A proj ares topology --mock NAME`, or ARES_MOCK_GPUS=NAME in "
+    "the environment (NAME: one of " + ", ".join(MOCK_TOPOLOGY_NAMES)
+    + ", or a saved `nvidia-smi topo -m` / JSON file)"
+)
+
+
 def _load_pynvml() -> ModuleType:
     try:
         return importlib.import_module("pynvml")
     except ImportError as exc:
         raise NvmlUnavailable(
             "the pynvml module (pip package nvidia-ml-py) is not installed; "
-            "install it on GPU hosts, or use mock_topology(name) on hosts without GPUs"
+            f"install it on GPU hosts. {NO_GPU_HINT}"
         ) from exc
 
 
@@ -193,7 +206,7 @@ def probe_nvml(host: str | None = None) -> HostTopology:
     except (nvml.error, OSError) as exc:
         raise NvmlUnavailable(
             f"NVML could not start ({type(exc).__name__}: {exc}); no NVIDIA driver on this host? "
-            "Use mock_topology(name) on hosts without GPUs"
+            f"{NO_GPU_HINT}"
         ) from exc
     try:
         return _probe(nvml, host or socket.gethostname())

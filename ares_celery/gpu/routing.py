@@ -203,7 +203,9 @@ class GpuRouter:
                 "no GPU hosts are registered (etcd at "
                 f"{self._services.etcd.address}, prefix "
                 f"{self._services.keys.inventory_prefix()}); start a "
-                "worker on a GPU host, or with ARES_MOCK_GPUS=<mock name>")
+                "worker on a GPU host, or a worker with a mock topology: "
+                "celery worker --ares-mock-gpus <mock name> (or "
+                "ARES_MOCK_GPUS=<mock name>)")
         found = index.best(index.now_heap, exclude)
         if found is not None:
             ev = index.evals[found]

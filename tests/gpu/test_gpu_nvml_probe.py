@@ -121,7 +121,7 @@ def test_mig_enabled_gpu_is_recorded_and_skipped(monkeypatch):
 @pytest.mark.parametrize("error", [fake.NVMLError_LibraryNotFound, fake.NVMLError_DriverNotLoaded])
 def test_no_driver_raises_nvml_unavailable(monkeypatch, error):
     module = install(monkeypatch, fake.build([], init_error=error))
-    with pytest.raises(NvmlUnavailable, match="mock_topology"):
+    with pytest.raises(NvmlUnavailable, match="ARES_MOCK_GPUS"):
         probe_nvml()
     assert module.calls["shutdown"] == 0
 
