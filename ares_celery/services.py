@@ -3,6 +3,9 @@
 Everything here is created lazily in the process that uses it and rebuilt
 when the pid changes, because sockets, HTTP sessions and the lease
 keep-alive thread must never be shared across ``fork`` (prefork pool).
+Pool children (marked by Celery's ``worker_process_init``) may talk to etcd
+over gRPC; every other process uses the HTTP gateway (see
+:mod:`ares_celery.clients.etcd_grpc`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import threading
 import time
 
 import redis
+from celery import signals
 
 from .clients import redis as redis_clients
 from .clients.etcd import EtcdGateway
+from .clients.etcd_grpc import mark_fork_free, process_gateway
 from .coordination.mutex import JobLocks
 from .coordination.session import Session
 from .exactly_once.dedup import DedupStore
@@ -22,6 +27,11 @@ from .keys import Keys
 from .settings import AresSettings
 
 _ETCD_HEALTH_CACHE_S = 2.0
+
+
+def _pool_process_started(**_: object) -> None:
+    """A prefork pool child never forks: it may hold gRPC channels."""
+    mark_fork_free()
 
 
 class Services:
@@ -39,6 +49,10 @@ class Services:
         self._pid = -1
         self._guard = threading.Lock()
         self._etcd_ok_until = 0.0
+        # Once per process, whatever the number of apps.
+        signals.worker_process_init.connect(
+            _pool_process_started, weak=False,
+            dispatch_uid="ares-etcd-fork-free")
 
     def _ensure(self) -> None:
         if self._pid == os.getpid():
@@ -49,7 +63,10 @@ class Services:
             s = self.settings
             self._redis = redis_clients.connect(
                 s.redis_url, max_connections=s.redis_max_connections)
-            self._etcd = s.etcd_gateway()
+            # gRPC only if this process was marked fork-free (a pool
+            # child): the channel is created here, after the fork.
+            self._etcd = process_gateway(s.etcd_endpoints, s.etcd_timeout,
+                                         s.etcd_security, s.etcd_transport)
             self._keeper = Session(self._etcd, s.lease_ttl)
             self._dedup = DedupStore(
                 self._redis, self.keys, s.dedup_ttl, s.dedup_claim_timeout,

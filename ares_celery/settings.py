@@ -12,6 +12,7 @@ from typing import Any
 
 from .clients.etcd import EtcdGateway
 from .clients.etcd_endpoints import endpoint_schemes, parse_endpoints
+from .clients.etcd_grpc import check_transport
 from .clients.etcd_security import EtcdSecurity
 from .clients.redis import redact_url
 from .errors import ConfigurationError
@@ -29,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "ares_etcd_ca_cert": None,         # TLS: CA bundle for the server cert
     "ares_etcd_cert": None,            # TLS: client certificate (+ key)
     "ares_etcd_key": None,
+    "ares_etcd_transport": "auto",     # "grpc" or "http": see clients.etcd_grpc
     "ares_lease_ttl": 30,
     "ares_dedup_ttl": 86400,
     "ares_dedup_claim_timeout": 5.0,
@@ -204,6 +206,7 @@ class AresSettings:
     etcd_endpoints: list[tuple[str, int]]
     etcd_timeout: float = 2.0
     etcd_security: EtcdSecurity = field(default_factory=EtcdSecurity)
+    etcd_transport: str = "auto"
     lease_ttl: int = 30
     dedup_ttl: int = 86400
     dedup_claim_timeout: float = 5.0
@@ -268,6 +271,7 @@ class AresSettings:
             etcd_timeout=_number("ares_etcd_timeout",
                                  values["ares_etcd_timeout"], 0.05, 60),
             etcd_security=etcd_security(values),
+            etcd_transport=check_transport(values["ares_etcd_transport"]),
             lease_ttl=lease_ttl,
             dedup_ttl=_number("ares_dedup_ttl", values["ares_dedup_ttl"],
                               1, 365 * 86400, integer=True),

@@ -5,7 +5,9 @@ it is maintained (OpenStack), has no protobuf/grpc dependency (python-etcd3
 breaks on current protobuf) and is synchronous, so it is safe in prefork pool
 children without an event loop or gRPC's fork caveats. Everything else in the
 package goes through :class:`EtcdGateway`, so swapping the client means
-changing only this module. Unary calls ride :class:`KeepAliveSession`
+changing only this module (or subclassing it: pool processes, which never
+fork, run the hot path's unary calls over gRPC with
+:mod:`ares_celery.clients.etcd_grpc`). Unary calls ride :class:`KeepAliveSession`
 instead of ``requests`` (which etcd3gw accepts as its session): the etcd
 round trip is on every job's critical path.
 """
@@ -310,6 +312,12 @@ class EtcdGateway:
     endpoint failed does the caller see :class:`ServiceUnavailable` naming
     them all, so callers can fail closed with a useful message.
     """
+
+    #: How the unary calls reach etcd. The seam for another transport:
+    #: :class:`~ares_celery.clients.etcd_grpc.GrpcEtcdGateway` subclasses
+    #: this class and says ``"grpc"`` (``etcd_grpc.process_gateway``
+    #: chooses per process, from ``ares_etcd_transport``).
+    transport: str = "http"
 
     def __init__(self, endpoints: str | Iterable[str], timeout: float = 2.0,
                  security: EtcdSecurity | None = None) -> None:

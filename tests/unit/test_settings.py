@@ -112,6 +112,7 @@ WRONG = {
     "ares_etcd_ca_cert": 3,
     "ares_etcd_cert": 3,
     "ares_etcd_key": 3,
+    "ares_etcd_transport": 2,
     "ares_lease_ttl": "30",
     "ares_dedup_ttl": "86400",
     "ares_dedup_claim_timeout": "5",
