@@ -28,6 +28,7 @@ from .gpu.eager import EagerGpus
 from .gpu.host import GpuHost, HostSlot
 from .gpu.host_step import GpuHostStep
 from .gpu.policies import DEFAULT_POLICY, POLICIES
+from .gpu.priority import DEFAULT_PRIORITY, validate_preemptible, validate_priority
 from .gpu.request import GpuRequest
 from .gpu.routing import GpuRouter
 from .gpu.task import GpuTask
@@ -107,13 +108,20 @@ class Ares:
     def gpu_task(self, *args: Any, gpus: int = 1,
                  min_memory_gb: float | None = None,
                  interconnect: str | None = None,
-                 placement: str = DEFAULT_POLICY, **options: Any) -> Any:
+                 placement: str = DEFAULT_POLICY,
+                 priority: int = DEFAULT_PRIORITY, preemptible: bool = False,
+                 **options: Any) -> Any:
         """``@ares.gpu_task(gpus=4, min_memory_gb=40, interconnect="nvlink")``:
         an exactly-once task routed to the host where those GPUs are best
         connected, run with ``CUDA_VISIBLE_DEVICES`` set to them.
-        ``placement`` names the placement policy (see ``gpu.policies``)."""
+        ``placement`` names the placement policy (see ``gpu.policies``).
+        ``priority`` (0-9, higher is more urgent; ``apply_async(priority=)``
+        overrides it per call) orders the jobs waiting for GPUs;
+        ``preemptible=True`` lets a more urgent job stop this one."""
         options["gpu_request"] = GpuRequest(gpus, min_memory_gb, interconnect,
                                             policy=placement)
+        options["gpu_priority"] = validate_priority(priority)
+        options["preemptible"] = validate_preemptible(preemptible)
         return self._decorator("gpu_task", args, options, self._gpu_task_base)
 
     def _decorator(self, name: str, args: tuple, options: dict[str, Any],
@@ -144,6 +152,10 @@ class Ares:
         if serializer not in (None, "json"):
             raise ConfigurationError(
                 f"serializer={serializer!r}: exactly-once tasks use JSON only")
+        if "preemptible" in options and "gpu_request" not in options:
+            raise ConfigurationError(
+                "preemptible applies to GPU tasks only (a more urgent job "
+                "takes a preempted job's GPUs); use ares.gpu_task(...)")
         options = dict(options)
         # Celery shares app.task tasks with every app created later in the
         # process; an exactly-once task carries this Ares' submitter,

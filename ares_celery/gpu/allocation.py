@@ -3,7 +3,10 @@
 Prefork children are separate processes, so the host's allocations live in
 a small JSON file guarded by ``flock``: a child picks its GPUs from the
 host's free set with the placement scorer while holding the lock, so two
-jobs can never get the same GPU. Each allocation records the pid that holds
+jobs can never get the same GPU. Jobs that find too few GPUs free register
+as waiting, and GPUs are granted to waiters by (aged) priority, then
+submission time, whenever GPUs free up: not to whichever process happens
+to poll first. Each allocation records the pid that holds
 it; if that process dies (SIGKILL, hard time limit, revoke with terminate)
 the next allocation or the worker's periodic reaper gives the GPUs back.
 The ledger only records; :class:`~ares_celery.gpu.host.GpuHost` publishes
@@ -28,6 +31,7 @@ from typing import Any
 from ..errors import AresError, UnsatisfiableGpuRequest
 from .model import HostTopology
 from .placement import Placement, PlacementPolicy
+from .priority import DEFAULT_PRIORITY, effective_priority
 from .request import GpuRequest
 
 logger = logging.getLogger(__name__)
@@ -64,6 +68,37 @@ class Allocation:
     @property
     def uuids(self) -> list[str]:
         return [self.topology.gpu(i).uuid or "" for i in self.placement.gpus]
+
+
+def waiter_entry(request: GpuRequest, priority: int,
+                 submitted: float | None) -> dict[str, Any]:
+    """A waiting job as the ledger file records it: its request, priority,
+    submission time (seniority survives re-routes and deferrals) and pid."""
+    now = time.time()
+    return {"gpus": request.gpus, "min_memory_gb": request.min_memory_gb,
+            "interconnect": request.interconnect, "policy": request.policy,
+            "priority": priority,
+            "submitted": now if submitted is None else float(submitted),
+            "pid": os.getpid(), "since": now}
+
+
+def entry_request(entry: Mapping[str, Any]) -> GpuRequest:
+    return GpuRequest(int(entry["gpus"]), entry.get("min_memory_gb"),
+                      entry.get("interconnect"), policy=entry["policy"])
+
+
+def entry_priority(entry: Mapping[str, Any], now: float) -> int:
+    """The waiter's effective (aged) priority at ``now``."""
+    return effective_priority(int(entry["priority"]),
+                              now - float(entry["submitted"]))
+
+
+def grant_key(entry: Mapping[str, Any], job_id: str,
+              now: float) -> tuple[int, float, float, str]:
+    """Most urgent first, then earliest submitted, then earliest to wait
+    here; the job id makes the order total."""
+    return (-entry_priority(entry, now), float(entry["submitted"]),
+            float(entry.get("since", 0.0)), job_id)
 
 
 class HostGpuLedger:
@@ -115,7 +150,7 @@ class HostGpuLedger:
         previous run on this host are dropped)."""
         with self.locked() as state:
             state.clear()
-            state.update(info, allocations={})
+            state.update(info, allocations={}, waiting={})
 
     def update_info(self, **info: Any) -> None:
         with self.locked() as state:
@@ -130,7 +165,8 @@ class HostGpuLedger:
         """Busy GPUs and the worker's info (queue, worker, lease), read
         together under the lock: what the host's state key must say."""
         with self.locked() as state:
-            info = {k: v for k, v in state.items() if k != "allocations"}
+            info = {k: v for k, v in state.items()
+                    if k not in ("allocations", "waiting")}
             return self._busy(state), info
 
     def reap_dead(self) -> list[str]:
@@ -140,10 +176,15 @@ class HostGpuLedger:
 
     # -- pool processes --------------------------------------------------------
 
-    def try_allocate(self, job_id: str, request: GpuRequest) -> Allocation | None:
-        """Best GPUs for the job from the free set now, or None if too few
-        are free. Raises UnsatisfiableGpuRequest if this host can never
-        satisfy it."""
+    def try_allocate(self, job_id: str, request: GpuRequest,
+                     priority: int = DEFAULT_PRIORITY,
+                     submitted: float | None = None) -> Allocation | None:
+        """The job's GPUs if it is granted them now, else None (and the job
+        stays registered as waiting, so a release can hand GPUs to it).
+
+        Grants follow :meth:`_grant`: effective priority, then submission
+        time. Raises UnsatisfiableGpuRequest if this host can never satisfy
+        the request."""
         policy = self._policies[request.policy]
         policy.place(self.topology, request)  # ever possible on this host?
         with self.locked() as state:
@@ -151,42 +192,125 @@ class HostGpuLedger:
             allocations = state.setdefault("allocations", {})
             mine = allocations.get(job_id)
             if mine is not None and mine["pid"] == os.getpid():
-                placement = policy.place(self.topology, request,
-                                         free=mine["gpus"])
-                return Allocation(job_id, placement, self.topology)
-            busy = self._busy(state)
-            free = [i for i in self.topology.indices if i not in busy]
-            try:
-                placement = policy.place(self.topology, request, free=free)
-            except UnsatisfiableGpuRequest:
-                return None
-            allocations[job_id] = {"gpus": list(placement.gpus),
-                                   "pid": os.getpid(), "at": time.time(),
-                                   "score": placement.score}
-            return Allocation(job_id, placement, self.topology)
+                state.setdefault("waiting", {}).pop(job_id, None)
+                return self._allocation(job_id, request, mine["gpus"])
+            waiting = state.setdefault("waiting", {})
+            if job_id not in waiting or waiting[job_id]["pid"] != os.getpid():
+                waiting[job_id] = waiter_entry(request, priority, submitted)
+            self._grant(state, time.time())
+            mine = allocations.get(job_id)
+            if mine is not None and mine["pid"] == os.getpid():
+                return self._allocation(job_id, request, mine["gpus"])
+            return None
 
     def allocate(self, job_id: str, request: GpuRequest, timeout: float,
-                 on_change: Callable[[], None] | None = None) -> Allocation:
-        """Wait (polling, with a deadline) for GPUs, then take them."""
+                 on_change: Callable[[], None] | None = None,
+                 priority: int = DEFAULT_PRIORITY,
+                 submitted: float | None = None) -> Allocation:
+        """Wait (polling, with a deadline) until the ledger grants the job
+        its GPUs; a job that gives up (timeout, soft time limit) leaves the
+        waiting list and hands on GPUs granted after its last look."""
         deadline = time.monotonic() + timeout
         pause = 0.02
-        while True:
-            allocation = self.try_allocate(job_id, request)
-            if allocation is not None:
-                if on_change is not None:
-                    on_change()
-                return allocation
-            if time.monotonic() >= deadline:
-                raise GpusBusy(
-                    f"{request.describe()} not free on host "
-                    f"{self.topology.host} within {timeout:g}s")
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.5)
+        granted: Allocation | None = None
+        try:
+            while True:
+                granted = self.try_allocate(job_id, request, priority,
+                                            submitted)
+                if granted is not None:
+                    if on_change is not None:
+                        on_change()
+                    return granted
+                if time.monotonic() >= deadline:
+                    raise GpusBusy(
+                        f"{request.describe()} not free on host "
+                        f"{self.topology.host} within {timeout:g}s")
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.5)
+        finally:
+            if granted is None:
+                self.withdraw(job_id)
+
+    def withdraw(self, job_id: str) -> None:
+        """The job stops waiting here (and gives back GPUs granted to it
+        after its last look), so it blocks nobody while it is elsewhere."""
+        changed = False
+        with self.locked() as state:
+            if state.setdefault("waiting", {}).pop(job_id, None) is not None:
+                changed = True
+            mine = state.setdefault("allocations", {}).get(job_id)
+            if mine is not None and mine["pid"] == os.getpid() \
+                    and mine.get("granted"):
+                del state["allocations"][job_id]
+                changed = True
+            if changed:
+                self._grant(state, time.time())
+
+    def waiting(self) -> dict[str, dict[str, Any]]:
+        """The jobs waiting for GPUs on this host (job id -> entry)."""
+        with self.locked() as state:
+            self._reap(state)
+            return dict(state.get("waiting", {}))
 
     def release(self, job_id: str) -> bool:
+        """Give the job's GPUs back and hand them to the waiting jobs that
+        rank first, in the same locked step: no job that arrives (or polls)
+        later can take GPUs a more urgent waiter was owed."""
         with self.locked() as state:
-            return state.setdefault("allocations", {}).pop(job_id, None) \
+            released = state.setdefault("allocations", {}).pop(job_id, None) \
                 is not None
+            if released:
+                self._grant(state, time.time())
+            return released
+
+    def _allocation(self, job_id: str, request: GpuRequest,
+                    gpus: list[int]) -> Allocation:
+        placement = self._policies[request.policy].place(
+            self.topology, request, free=gpus)
+        return Allocation(job_id, placement, self.topology)
+
+    def _grant(self, state: dict[str, Any], now: float) -> list[str]:
+        """Give free GPUs to waiting jobs, most urgent first.
+
+        Waiters are taken by effective priority (aged, see
+        :mod:`~ares_celery.gpu.priority`), then submission time. A waiter
+        whose request does not fit the free GPUs lets waiters of its own
+        effective priority that do fit go ahead (backfill), but blocks every
+        waiter ranked below that level: freed GPUs accumulate for it instead
+        of going to less urgent work. Aging is what lets an old waiter of a
+        lower level through in the end. Returns the job ids granted."""
+        waiting = state.setdefault("waiting", {})
+        allocations = state.setdefault("allocations", {})
+        if not waiting:
+            return []
+        busy = self._busy(state)
+        free = [i for i in self.topology.indices if i not in busy]
+        granted: list[str] = []
+        blocked_at: int | None = None
+        for job_id, entry in sorted(waiting.items(),
+                                    key=lambda kv: grant_key(kv[1], kv[0],
+                                                             now)):
+            level = entry_priority(entry, now)
+            if blocked_at is not None and level < blocked_at:
+                break
+            request = entry_request(entry)
+            try:
+                placement = self._policies[request.policy].place(
+                    self.topology, request, free=free)
+            except UnsatisfiableGpuRequest:
+                if blocked_at is None:
+                    blocked_at = level
+                continue
+            allocations[job_id] = {"gpus": list(placement.gpus),
+                                   "pid": entry["pid"], "at": now,
+                                   "score": placement.score,
+                                   "priority": entry["priority"],
+                                   "granted": True}
+            free = [i for i in free if i not in placement.gpus]
+            granted.append(job_id)
+        for job_id in granted:
+            del waiting[job_id]
+        return granted
 
     # -- helpers -------------------------------------------------------------
 
@@ -200,6 +324,10 @@ class HostGpuLedger:
 
     @staticmethod
     def _reap(state: dict[str, Any]) -> list[str]:
+        waiting = state.setdefault("waiting", {})
+        for job in [job for job, entry in waiting.items()
+                    if not _pid_alive(int(entry["pid"]))]:
+            del waiting[job]
         allocations = state.setdefault("allocations", {})
         dead = [job for job, entry in allocations.items()
                 if not _pid_alive(int(entry["pid"]))]

@@ -14,6 +14,7 @@ from ..services import Services
 from .allocation import Allocation, HostGpuLedger
 from .inventory import write_state
 from .model import HostTopology
+from .priority import DEFAULT_PRIORITY
 from .request import GpuRequest
 
 #: ``ares_cuda_visible_devices`` values.
@@ -40,11 +41,16 @@ class GpuHost:
     def host(self) -> str:
         return self.topology.host
 
-    def allocate(self, job_id: str, request: GpuRequest) -> Allocation:
-        """GPUs for the job (waiting up to ``ares_gpu_wait_timeout``)."""
+    def allocate(self, job_id: str, request: GpuRequest,
+                 priority: int = DEFAULT_PRIORITY,
+                 submitted: float | None = None) -> Allocation:
+        """GPUs for the job (waiting up to ``ares_gpu_wait_timeout``); while
+        it waits, freed GPUs go to the host's most urgent waiting job first
+        (``priority`` aged since ``submitted``, a wall-clock time)."""
         return self.ledger.allocate(job_id, request,
                                     timeout=self._wait_timeout,
-                                    on_change=self.publish)
+                                    on_change=self.publish,
+                                    priority=priority, submitted=submitted)
 
     def release(self, job_id: str) -> None:
         """Give the job's GPUs back (after its commit, failure or retry)."""

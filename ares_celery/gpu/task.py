@@ -18,6 +18,13 @@ from ..observability import events
 from ..observability.metrics import observe_gpu_allocation
 from .allocation import Allocation, GpusBusy
 from .host import HostSlot
+from .priority import (
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    broker_priority,
+    validate_priority,
+)
 from .request import GpuRequest
 from .routing import GpuRouter
 
@@ -28,10 +35,27 @@ REROUTES_HEADER = wire.REROUTES
 _UNSET = object()
 
 
+def carry_priority(route: dict[str, Any],
+                   before: dict[str, Any] | None) -> dict[str, Any]:
+    """A new route header that keeps the job's priority and submission time:
+    a re-routed or recovered job keeps its place in line (and its aging)."""
+    for key in ("priority", "submitted"):
+        if before and key in before:
+            route[key] = before[key]
+    return route
+
+
 class GpuTask(ExactlyOnceTask):
     """``gpu_request`` is set per task by ``@ares.gpu_task``; the routers
-    and the host slot by ``Ares`` when it builds the base class."""
+    and the host slot by ``Ares`` when it builds the base class.
 
+    ``gpu_priority`` (the decorator's ``priority``) is 0-9, higher is more
+    urgent, default 5; it is not Celery's ``priority`` task attribute,
+    which Celery deprecates and which would reach the broker untranslated.
+    ``preemptible`` says whether a more urgent job may stop this one."""
+
+    gpu_priority: ClassVar[int] = DEFAULT_PRIORITY
+    preemptible: ClassVar[bool] = False
     gpu_request: ClassVar[GpuRequest]
     #: Client side: watch-driven inventory, decides at submission.
     _router: ClassVar[GpuRouter]
@@ -39,17 +63,54 @@ class GpuTask(ExactlyOnceTask):
     _worker_router: ClassVar[GpuRouter]
     _gpu_slot: ClassVar[HostSlot]
 
+    def apply_async(self, args: Any = None, kwargs: Any = None,
+                    task_id: str | None = None, **options: Any) -> Any:
+        """Celery's ``apply_async``; ``priority=`` (0-9, higher is more
+        urgent) overrides the decorator's for this call."""
+        if options.get("priority") is not None \
+                and wire.ROUTE not in (options.get("headers") or {}):
+            validate_priority(options["priority"], f"{self.name}: priority")
+        return super().apply_async(args, kwargs, task_id, **options)
+
     def _route_for(self, options: dict[str, Any]) -> Route | None:
-        if options.get("queue") or wire.ROUTE in (options.get("headers")
-                                                   or {}):
-            return None  # the caller (or a worker re-routing) chose
+        if wire.ROUTE in (options.get("headers") or {}):
+            return None  # a retry or a worker re-routing: routed already
+        priority = options.get("priority")
+        if priority is None:
+            priority = self.gpu_priority
+        broker = self._get_app().conf.broker_url
+        chosen = bool(options.get("queue"))
 
         def route(options: dict[str, Any]) -> dict[str, Any]:
-            decision = self._router.decide(self.gpu_request)
             headers = dict(options.get("headers") or {})
-            headers[wire.ROUTE] = decision.to_header()
-            return dict(options, queue=decision.queue, headers=headers)
+            if chosen:
+                # The caller chose the queue: no decision, but the worker
+                # still learns the priority and the submission time.
+                headers[wire.ROUTE] = {"priority": priority,
+                                       "submitted": time.time()}
+                queue = options["queue"]
+            else:
+                decision = self._router.decide(self.gpu_request)
+                headers[wire.ROUTE] = dict(decision.to_header(),
+                                           priority=priority,
+                                           submitted=time.time())
+                queue = decision.queue
+            return dict(options, queue=queue, headers=headers,
+                        priority=broker_priority(priority, broker))
         return route
+
+    def _job_priority(self) -> tuple[int, float | None]:
+        """This delivery's priority and submission time (from the route
+        header; the task's own priority for a message routed by name)."""
+        route = header(self.request, wire.ROUTE) or {}
+        priority = route.get("priority")
+        if isinstance(priority, bool) or not isinstance(priority, int) \
+                or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            priority = self.gpu_priority
+        submitted = route.get("submitted")
+        if not isinstance(submitted, (int, float)):
+            submitted = None
+        return priority, submitted
 
     # -- worker side ---------------------------------------------------------
 
@@ -70,8 +131,10 @@ class GpuTask(ExactlyOnceTask):
         if gpu is None:
             self._reroute(ctx, "this worker has no GPUs", exclude_self=False)
         started = time.monotonic()
+        priority, submitted = self._job_priority()
         try:
-            allocation = gpu.allocate(ctx.job_id, request)
+            allocation = gpu.allocate(ctx.job_id, request, priority,
+                                      submitted)
         except UnsatisfiableGpuRequest as exc:
             self._reroute(ctx, str(exc), exclude_self=True)
         except GpusBusy as exc:
@@ -79,8 +142,8 @@ class GpuTask(ExactlyOnceTask):
         waited = time.monotonic() - started
         self._use_gpus(ctx, allocation, gpu.host,
                        gpu.visible_devices(allocation))
-        observe_gpu_allocation(waited)
-        events.placed(self, ctx, allocation, gpu.queue, waited)
+        observe_gpu_allocation(waited, priority)
+        events.placed(self, ctx, allocation, gpu.queue, waited, priority)
 
     @staticmethod
     def _use_gpus(ctx: JobContext, allocation: Allocation, host: str,
@@ -118,8 +181,10 @@ class GpuTask(ExactlyOnceTask):
                 raise
             decision = self._worker_router.decide(self.gpu_request)
         reroutes = int(headers.get(wire.REROUTES) or 0)
-        return decision.queue, {wire.ROUTE: decision.to_header(),
-                                wire.REROUTES: reroutes + 1}
+        return decision.queue, {
+            wire.ROUTE: carry_priority(decision.to_header(),
+                                       headers.get(wire.ROUTE)),
+            wire.REROUTES: reroutes + 1}
 
     def _finish_job(self, job_id: str) -> None:
         """Give the lock back, then the GPUs (also on failure and retry)."""
@@ -145,7 +210,8 @@ class GpuTask(ExactlyOnceTask):
             self._runtime.defer(self, f"{why}; {exc}")
         self._runtime.defer(
             self, why, queue=decision.queue,
-            headers={wire.ROUTE: decision.to_header(),
+            headers={wire.ROUTE: carry_priority(
+                         decision.to_header(), header(self.request, wire.ROUTE)),
                      wire.REROUTES: reroutes + 1},
             delay=0.0 if decision.host != getattr(gpu, "host", None)
             else None)
