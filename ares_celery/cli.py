@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timezone
 
 import click
 from celery.bin.base import CeleryCommand, CLIContext
@@ -260,6 +261,13 @@ def job(ctx: click.Context, ref: str) -> None:
         click.echo(f"committed  no (state {view.meta.get('status')})")
     if decoded.get("fenced"):
         click.echo(f"rejected   {decoded['fenced']} zombie commit(s)")
+    checkpoint = view.checkpoint
+    if checkpoint is not None:
+        at = datetime.fromtimestamp(checkpoint.at, timezone.utc)
+        click.echo(f"checkpoint {at.isoformat(timespec='seconds')} "
+                   f"({checkpoint.size} bytes, token {checkpoint.token})")
+    else:
+        click.echo("checkpoint none")
 
 
 @ares.command(cls=CeleryCommand)

@@ -55,6 +55,21 @@ class LeaseLost(AresError):
     """The worker no longer holds the job's lease: its commit will be fenced."""
 
 
+class CheckpointError(AresError, ValueError):
+    """A checkpoint state that cannot be saved; raised at the call, before
+    any round trip, so the body that passed it sees why."""
+
+
+class CheckpointNotSerializable(CheckpointError):
+    """``ctx.checkpoint(state)`` with state JSON cannot encode (a tensor,
+    a set, NaN): checkpoint plain data and references to blobs."""
+
+
+class CheckpointTooLarge(CheckpointError):
+    """The encoded state is over the 1 MiB limit: store the blob elsewhere
+    and checkpoint its reference."""
+
+
 class JobStillHeld(AresError):
     """A live worker holds the job's lock: it cannot be retired (forgotten)
     now; the message names the holder."""

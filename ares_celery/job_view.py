@@ -3,7 +3,7 @@
 Celery reports any id it has never seen as PENDING, so a mistyped id
 looked like a job waiting to run. Reading every record ares keeps (the
 dedup record, the lock, the fence and commit hash, the etcd job record,
-a worker's reservation, the stored result) lets the command tell "known,
+a worker's reservation, the checkpoint, the stored result) lets the command tell "known,
 not started yet" from "ares knows nothing about this".
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .clients.etcd import KeyValue
+from .exactly_once.checkpoints import Checkpoint, checkpoint_store
 from .services import Services
 
 
@@ -38,6 +39,8 @@ class JobView:
     job_record: bool = False
     reserved: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The job's latest checkpoint (kept until its result is committed).
+    checkpoint: Checkpoint | None = None
 
     @property
     def stored_result(self) -> bool:
@@ -50,7 +53,7 @@ class JobView:
         """Whether any ares record names this job."""
         return bool(self.dedup or self.lock is not None or self.record
                     or self.job_record or self.reserved
-                    or self.stored_result)
+                    or self.stored_result or self.checkpoint is not None)
 
 
 def read_job(services: Services, backend: Any, job_id: str,
@@ -75,7 +78,8 @@ def read_job(services: Services, backend: Any, job_id: str,
         attempts=services.locks.attempts(job_id),
         record=_text(redis.hgetall(keys.job(job_id))),
         job_record=etcd.get(keys.job_record(job_id)) is not None,
-        meta=backend.get_task_meta(job_id))
+        meta=backend.get_task_meta(job_id),
+        checkpoint=checkpoint_store(backend, services).load(job_id))
     if view.known:
         return view
     if request_id is None:

@@ -18,6 +18,12 @@ class Keys:
         """Redis hash with the job's fence (highest token) and commit."""
         return f"{self.namespace}:job:{job_id}"
 
+    def checkpoint(self, job_id: str) -> str:
+        """Redis hash with the job's latest checkpoint (state, token, time,
+        size) when the result store is Redis: next to the job hash whose
+        fence guards it."""
+        return f"{self.namespace}:checkpoint:{job_id}"
+
     def fenced_log(self) -> str:
         """Redis stream recording every rejected (fenced) commit."""
         return f"{self.namespace}:fenced"
@@ -39,6 +45,11 @@ class Keys:
 
     def done(self, job_id: str) -> str:
         return f"/{self.namespace}/done/{job_id}"
+
+    def checkpoint_record(self, job_id: str) -> str:
+        """etcd: the job's latest checkpoint when the result store is etcd
+        (written only while the writer's lock is there)."""
+        return f"/{self.namespace}/checkpoints/{job_id}"
 
     def fenced(self, job_id: str, token: int) -> str:
         return f"/{self.namespace}/fenced/{job_id}/{token}"

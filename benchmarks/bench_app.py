@@ -1,5 +1,11 @@
 """Benchmark worker app: the same no-op / sleep tasks as plain Celery tasks
-(acks_late, Redis broker and result backend) and as ``@ares.task``."""
+(acks_late, a Redis or RabbitMQ broker, a Redis result backend) and as
+``@ares.task``.
+
+``BENCH_BROKER`` is the broker URL; ``BENCH_REDIS`` the Redis that keeps
+results (and, for ares, dedup records and commit markers), the broker's
+own URL when unset.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ from celery import Celery
 from ares_celery import Ares
 
 MODE = os.environ.get("BENCH_MODE", "plain")
-app = Celery("bench", broker=os.environ["BENCH_BROKER"])
+BROKER = os.environ["BENCH_BROKER"]
+REDIS = os.environ.get("BENCH_REDIS") or BROKER
+app = Celery("bench", broker=BROKER)
 app.conf.update(
-    result_backend=os.environ["BENCH_BROKER"],
+    result_backend=REDIS,
     task_acks_late=True,
     worker_prefetch_multiplier=4,
     broker_transport_options={"visibility_timeout": 3600},
@@ -27,6 +35,7 @@ if os.environ.get("BENCH_EXPIRES"):
 
 if MODE == "ares":
     app.conf.ares_etcd_endpoints = [os.environ["BENCH_ETCD"]]
+    app.conf.ares_redis_url = REDIS
     ares = Ares(app)
     decorate = ares.task
 else:

@@ -1,15 +1,30 @@
 """Plain Celery vs ``@ares.task`` on the same machine, in one run.
 
-Both use a Redis broker, a Redis result backend, ``acks_late`` and one
-``celery worker -P prefork -c N``; ares additionally runs each job under an
-etcd lease and commits through the fenced backend, and submits every job
-with a request id (dedup). Latency is measured with one job in flight at a
-time (submit to ``get()``), so it is the per-job cost without queueing.
-Throughput is measured at the worker: the queue is filled while the
-worker's consumer is cancelled, then consumption resumes and the span of
-the jobs' ``date_done`` stamps is timed.
+Both use the same broker (Redis or a private RabbitMQ node), a Redis result
+backend, ``acks_late`` and one ``celery worker -P prefork -c N``; ares
+additionally runs each job under an etcd lease and commits through the
+fenced backend, and submits every job with a request id (dedup). Latency is
+measured with one job in flight at a time (submit to ``get()``), so it is
+the per-job cost without queueing. Throughput is measured at the worker:
+the queue is filled while the worker's consumer is cancelled, then
+consumption resumes and the span of the jobs' ``date_done`` stamps is timed.
 
-    python benchmarks/exactly_once_throughput.py [--tasks 2000] [--concurrency 2]
+Round trips per job are counted by the servers over the throughput window
+(submission and execution of N jobs): etcd writes (revision growth), etcd
+reads (``etcd_mvcc_range_total``: every range, inside a Txn or not), etcd
+calls (KV requests etcd's gRPC server handled, the JSON gateway's
+included) and Redis commands (``INFO commandstats``, which counts the
+commands inside Lua scripts too; with a Redis broker it includes the
+broker's). ``--breakdown`` prints the Redis commands per job by name.
+
+Before/after on the same machine in the same run: export the old commit
+into a directory (``git archive <commit> | tar -x -C /tmp/before``) and
+pass ``--before /tmp/before``; its ``ares_celery`` then runs the "before"
+mode (client and worker), with this benchmark's app and harness.
+
+    python benchmarks/exactly_once_throughput.py [--tasks 2000] \\
+        [--concurrency 1 2] [--task noop sleep] [--broker both] \\
+        [--before /tmp/before]
 """
 
 from __future__ import annotations
@@ -17,18 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+BENCH = ROOT / "benchmarks"
 
-from ares_celery.testing import EtcdServer, RedisServer  # noqa: E402
+_GRPC_KV = re.compile(r'^grpc_server_handled_total\{[^}]*grpc_method="'
+                      r'(Range|Txn|Put|DeleteRange)"[^}]*\} (\S+)$')
 
 
 def percentile(values, q):
@@ -36,38 +55,58 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
-def round_trips(app, env) -> tuple[int, int]:
-    """(etcd revision, Redis commands processed so far): their growth over
-    N jobs is the etcd writes and Redis commands each job costs."""
-    import urllib.request
-
+def counters(redis_client, etcd_endpoint: str) -> dict[str, float]:
+    """Server-side counters whose growth over N jobs is their per-job cost:
+    ``etcd_writes`` (revision), ``etcd_reads`` (ranges), ``etcd_calls``
+    (KV requests), and ``redis:<command>`` for every Redis command."""
+    out: dict[str, float] = {}
     request = urllib.request.Request(
-        f"http://{env['BENCH_ETCD']}/v3/kv/range", method="POST",
+        f"http://{etcd_endpoint}/v3/kv/range", method="POST",
         data=json.dumps({"key": "L2FyZXMv", "limit": 1}).encode())
     with urllib.request.urlopen(request, timeout=5) as resp:
-        revision = int(json.loads(resp.read())["header"]["revision"])
-    with app.connection_for_write() as conn:
-        stats = conn.default_channel.client.info("stats")
-    # Minus the INFO call itself and the broker's idle polling is noise
-    # we accept: it is the same for both modes.
-    return revision, int(stats["total_commands_processed"])
+        out["etcd_writes"] = int(json.loads(resp.read())["header"]["revision"])
+    with urllib.request.urlopen(f"http://{etcd_endpoint}/metrics",
+                                timeout=5) as resp:
+        metrics = resp.read().decode()
+    out["etcd_reads"] = out["etcd_calls"] = 0
+    for line in metrics.splitlines():
+        if line.startswith("etcd_mvcc_range_total "):
+            out["etcd_reads"] = float(line.split()[1])
+        match = _GRPC_KV.match(line)
+        if match:
+            out["etcd_calls"] += float(match.group(2))
+    for name, stats in redis_client.info("commandstats").items():
+        out["redis:" + name.removeprefix("cmdstat_")] = stats["calls"]
+    return out
 
 
-def run_mode(mode, task, n, latency_n, concurrency, env):
-    env = dict(env, BENCH_MODE=mode)
-    os.environ.update(env)
+def per_job(before: dict, after: dict, n: int) -> dict[str, float]:
+    keys = set(before) | set(after)
+    delta = {k: (after.get(k, 0) - before.get(k, 0)) / n for k in keys}
+    # Our own metrics reads (one range, one INFO per sample) are noise of
+    # 2/n: left in, the same for every mode.
+    delta["redis_cmds"] = sum(v for k, v in delta.items()
+                              if k.startswith("redis:"))
+    return delta
+
+
+def run_one(mode: str, task: str, n: int, latency_n: int,
+            concurrency: int) -> dict:
+    """One mode, in this (child) process: start its worker, measure."""
+    import redis
+
+    sys.path.insert(0, str(BENCH))
+    import bench_app
+
+    env = os.environ
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "--quiet", "-A", "bench_app",
          "worker", "-P", "prefork", "-c", str(concurrency), "-n",
          f"{mode}@bench", "-l", "error", "--without-mingle",
-         "--without-gossip"], cwd=ROOT / "benchmarks", env=env,
+         "--without-gossip"], cwd=BENCH, env=dict(env),
         start_new_session=True)
-    for name in list(sys.modules):
-        if name == "bench_app":
-            del sys.modules[name]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_app
-
+    store = redis.Redis.from_url(bench_app.REDIS)
+    ares_mode = mode != "plain"
     try:
         deadline = time.monotonic() + 60
         while not bench_app.app.control.ping([f"{mode}@bench"], timeout=0.5):
@@ -77,7 +116,7 @@ def run_mode(mode, task, n, latency_n, concurrency, env):
         stamp = time.time_ns()
 
         def submit(i):
-            if mode == "ares":
+            if ares_mode:
                 return fn.apply_async((i,), request_id=f"b-{stamp}-{i}")
             return fn.apply_async((i,))
 
@@ -94,7 +133,7 @@ def run_mode(mode, task, n, latency_n, concurrency, env):
         node = f"{mode}@bench"
         bench_app.app.control.cancel_consumer("celery", destination=[node],
                                               reply=True)
-        before = round_trips(bench_app.app, env)
+        before = counters(store, env["BENCH_ETCD"])
         t0 = time.perf_counter()
         results = [submit(i) for i in range(n)]
         submit_s = time.perf_counter() - t0
@@ -104,7 +143,7 @@ def run_mode(mode, task, n, latency_n, concurrency, env):
         keys = [backend.get_key_for_task(r.id) for r in results]
         deadline = time.monotonic() + 300
         while True:
-            metas = backend.client.mget(keys)
+            metas = store.mget(keys)
             if all(metas):
                 break
             if time.monotonic() > deadline:
@@ -113,16 +152,30 @@ def run_mode(mode, task, n, latency_n, concurrency, env):
         done = sorted(datetime.fromisoformat(json.loads(m)["date_done"])
                       .timestamp() for m in metas)
         span = done[-1] - done[0]
-        after = round_trips(bench_app.app, env)
+        after = counters(store, env["BENCH_ETCD"])
         return {"throughput": (n - 1) / span, "submit_rate": n / submit_s,
-                "etcd_writes": (after[0] - before[0]) / n,
-                "redis_cmds": (after[1] - before[1]) / n,
                 "p50": statistics.median(latencies),
-                "p99": percentile(latencies, 99)}
+                "p99": percentile(latencies, 99),
+                **per_job(before, after, n)}
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(60)
         bench_app.app.close()
+
+
+def run_mode(mode: str, task: str, conc: int, args, env: dict) -> dict:
+    """Run one mode in a child process (its own imports: the "before"
+    mode imports ``ares_celery`` from the old tree)."""
+    env = dict(env, BENCH_MODE="plain" if mode == "plain" else "ares")
+    tree = Path(args.before).resolve() if mode == "before" else ROOT
+    # The tree first: it wins over the editable install in site-packages.
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), str(BENCH)])
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--one", mode,
+         "--task", task, "--concurrency", str(conc), "--tasks",
+         str(args.tasks), "--latency-samples", str(args.latency_samples)],
+        env=env, cwd=BENCH, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -132,37 +185,74 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2])
     parser.add_argument("--task", choices=["noop", "sleep"], nargs="+",
                         default=["noop"])
+    parser.add_argument("--broker", choices=["redis", "rabbitmq", "both"],
+                        default="redis")
+    parser.add_argument("--before", metavar="TREE",
+                        help="a source tree of an older commit: its ares "
+                             "runs too, as the 'before' column")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="print Redis commands per job by name")
     parser.add_argument("--etcd-fsync", action="store_true",
                         help="run etcd with fsync (default: --unsafe-no-fsync)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with RedisServer() as redis_server, \
-            EtcdServer(fsync=args.etcd_fsync) as etcd_server:
-        env = dict(os.environ, BENCH_BROKER=f"{redis_server.url}/0",
-                   BENCH_ETCD=etcd_server.endpoint)
-        rows = []
-        for task in args.task:
-            for conc in args.concurrency:
-                plain = run_mode("plain", task, args.tasks,
-                                 args.latency_samples, conc, env)
-                ares = run_mode("ares", task, args.tasks,
-                                args.latency_samples, conc, env)
-                rows.append((task, conc, plain, ares))
-    print(f"\n{args.tasks} tasks per run, prefork worker, Redis broker+backend,"
-          f" etcd fsync={'on' if args.etcd_fsync else 'off'}")
-    header = (f"{'task':6} {'procs':>5} | {'plain/s':>8} {'ares/s':>8} "
-              f"{'ratio':>6} | {'plain p50':>9} {'ares p50':>9} {'added':>7}"
-              f" | {'plain p99':>9} {'ares p99':>9} {'added':>7}"
-              f" | {'etcd w/job':>10} {'redis cmd/job':>13}")
+    if args.one:
+        print(json.dumps(run_one(args.one, args.task[0], args.tasks,
+                                 args.latency_samples, args.concurrency[0])))
+        return
+
+    sys.path.insert(0, str(ROOT))
+    from ares_celery.testing import EtcdServer, RabbitMQServer, RedisServer
+
+    brokers = ["redis", "rabbitmq"] if args.broker == "both" else [args.broker]
+    modes = ["plain", "ares"] + (["before"] if args.before else [])
+    rows = []
+    with ExitStack() as stack:
+        redis_server = stack.enter_context(RedisServer())
+        etcd_server = stack.enter_context(
+            EtcdServer(fsync=args.etcd_fsync))
+        urls = {"redis": f"{redis_server.url}/0"}
+        if "rabbitmq" in brokers:
+            urls["rabbitmq"] = stack.enter_context(RabbitMQServer()).url
+        for broker in brokers:
+            env = dict(os.environ, BENCH_BROKER=urls[broker],
+                       BENCH_REDIS=f"{redis_server.url}/0",
+                       BENCH_ETCD=etcd_server.endpoint)
+            for task in args.task:
+                for conc in args.concurrency:
+                    got = {mode: run_mode(mode, task, conc, args, env)
+                           for mode in modes}
+                    rows.append((broker, task, conc, got))
+    print(f"\n{args.tasks} tasks per run, prefork worker, Redis results, "
+          f"etcd fsync={'on' if args.etcd_fsync else 'off'}; "
+          f"round trips per job over submit+run")
+    header = (f"{'broker':8} {'task':5} {'procs':>5} {'mode':6} | "
+              f"{'jobs/s':>7} {'ratio':>6} | {'p50':>8} {'added':>7} | "
+              f"{'p99':>8} {'added':>7} | {'etcd w':>6} {'etcd r':>6} "
+              f"{'etcd calls':>10} {'redis cmds':>10}")
     print(header)
     print("-" * len(header))
-    for task, conc, p, a in rows:
-        print(f"{task:6} {conc:>5} | {p['throughput']:8.0f} "
-              f"{a['throughput']:8.0f} {a['throughput'] / p['throughput']:6.2f}"
-              f" | {p['p50']:8.2f}ms {a['p50']:8.2f}ms "
-              f"{a['p50'] - p['p50']:6.2f}ms | {p['p99']:8.2f}ms "
-              f"{a['p99']:8.2f}ms {a['p99'] - p['p99']:6.2f}ms"
-              f" | {a['etcd_writes']:10.2f} {p['redis_cmds']:6.1f}->"
-              f"{a['redis_cmds']:<6.1f}")
+    for broker, task, conc, got in rows:
+        plain = got["plain"]
+        for mode, r in got.items():
+            print(f"{broker:8} {task:5} {conc:>5} {mode:6} | "
+                  f"{r['throughput']:7.0f} "
+                  f"{r['throughput'] / plain['throughput']:6.2f} | "
+                  f"{r['p50']:6.2f}ms {r['p50'] - plain['p50']:5.2f}ms | "
+                  f"{r['p99']:6.2f}ms {r['p99'] - plain['p99']:5.2f}ms | "
+                  f"{r['etcd_writes']:6.2f} {r['etcd_reads']:6.2f} "
+                  f"{r['etcd_calls']:10.2f} {r['redis_cmds']:10.1f}")
+    if args.breakdown:
+        print("\nRedis commands per job by name")
+        for broker, task, conc, got in rows:
+            names = sorted({k for r in got.values() for k in r
+                            if k.startswith("redis:")})
+            print(f"{broker} {task} procs={conc}: " + ", ".join(
+                f"{name[6:]} " + "/".join(f"{got[m].get(name, 0):.2f}"
+                                          for m in got)
+                for name in names
+                if any(abs(got[m].get(name, 0)) >= 0.05 for m in got))
+                + f"  ({'/'.join(got)})")
 
 
 if __name__ == "__main__":

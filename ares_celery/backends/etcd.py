@@ -85,7 +85,8 @@ class FencedEtcdBackend(KeyValueStoreBackend):
     def __reduce__(self, args=(), kwargs=None):
         return super().__reduce__(args, dict(kwargs or {}))
 
-    def register_fence(self, job_id: str, token: int) -> str | None:
+    def register_fence(self, job_id: str, token: int,
+                       first_holder: bool = False) -> str | None:
         """Nothing to record: the commit compares the lock's create
         revision itself, and the lock Txn already read the commit marker
         (``marker_in_etcd``), so a committed job never got this far."""

@@ -34,9 +34,11 @@ from .fencing import (
 BACKEND_PATH = "ares_celery.backends.redis:FencedRedisBackend"
 
 _COMMIT = """
+local marker = redis.call('HMGET', KEYS[2], 'fence', 'committed')
 local token = tonumber(ARGV[3])
 if token > 0 then
-  local fence = tonumber(redis.call('HGET', KEYS[2], 'fence') or '0')
+  -- No fence: only a first holder ran the job (a later one raises it).
+  local fence = tonumber(marker[1] or '0')
   if token < fence then
     redis.call('HINCRBY', KEYS[2], 'fenced', 1)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*',
@@ -45,7 +47,7 @@ if token > 0 then
     return {0, 'fenced', tostring(fence)}
   end
 end
-local committed = redis.call('HGET', KEYS[2], 'committed')
+local committed = marker[2]
 if committed then
   -- A revoke marks a job REVOKED before its message is seen (no request
   -- id then); the message, discarded later, still names it: note it.
@@ -62,8 +64,12 @@ else
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6])
-  if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 'request', ARGV[8]) end
+  if ARGV[8] ~= '' then
+    redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6],
+               'request', ARGV[8])
+  else
+    redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6])
+  end
   redis.call('HINCRBY', KEYS[2], 'commits', 1)
   if ttl > 0 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
 end
@@ -80,9 +86,13 @@ return redis.call('HGET', KEYS[1], 'committed')
 """
 
 # Retire a commit: the result and the marker go, the fence stays (a zombie
-# of an earlier tenure must stay fenced when the job runs again).
+# of an earlier tenure must stay fenced when the job runs again), and
+# 'retired' makes the job's next first holder raise the fence after all:
+# retiring deleted the job's etcd record, so that holder is "first" even
+# though earlier tenures (zombies among them) exist.
 _RETIRE = """
 redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], 'retired', 1)
 return redis.call('HDEL', KEYS[2], 'committed', 'state', 'request', 'commits')
 """
 
@@ -121,9 +131,24 @@ class FencedRedisBackend(RedisBackend):
 
     # -- used by the task before the body runs ---------------------------
 
-    def register_fence(self, job_id: str, token: int) -> str | None:
+    def register_fence(self, job_id: str, token: int,
+                       first_holder: bool = False) -> str | None:
         """Raise the job's fence to ``token``; return the committed token if
-        the job is already committed (then the body must not run)."""
+        the job is already committed (then the body must not run).
+
+        ``first_holder``: the lock Txn created the job's record, so no
+        older token can exist and only the committed check is needed (one
+        HMGET instead of the fence script), unless the job was retired
+        (``celery ares forget``), which deletes the record but not the
+        earlier tenures: then the fence is raised as for any holder.
+        """
+        if first_holder:
+            committed, retired = self.ensure(lambda: self.client.hmget(
+                self._keys.job(job_id), "committed", "retired"), ())
+            if committed:
+                return bytes_to_str(committed)
+            if not retired:
+                return None
         ttl = max(int(self.expires or 0), self._dedup_ttl, 86400)
         committed = self.ensure(lambda: self._fence_script(
             keys=[self._keys.job(job_id)], args=[token, ttl]), ())

@@ -31,10 +31,13 @@ class FencedStore(Protocol):
     #: True when the commit marker is an etcd key the lock Txn can read.
     marker_in_etcd: ClassVar[bool]
 
-    def register_fence(self, job_id: str, token: int) -> str | None:
+    def register_fence(self, job_id: str, token: int,
+                       first_holder: bool = False) -> str | None:
         """Before the body: record ``token`` as the job's newest holder (if
         the store fences by comparing tokens) and return the committed
-        token if the job is already committed (the body must not run)."""
+        token if the job is already committed (the body must not run).
+        A ``first_holder`` (its lock Txn created the job's record: no
+        earlier token can exist) need not raise a fence, only answer."""
 
     def commit_record(self, job_id: str) -> dict[str, str]:
         """``state``, ``committed`` (token), ``request`` of the commit, or

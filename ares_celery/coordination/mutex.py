@@ -88,6 +88,10 @@ class LockOutcome:
     attempt: int = 1
     #: Who held the job before (host, pid, worker), if anyone did.
     previous_holder: dict | None = None
+    #: The lock Txn created the job's record: nobody held this job before
+    #: (within the record's lifetime), so no older fencing token exists
+    #: and the store need not raise a fence (see ``JobRuntime.begin``).
+    first: bool = False
 
 
 def attempt_number(record: KeyValue | None, released: KeyValue | None) -> int:
@@ -211,7 +215,7 @@ class JobLocks:
             return LockOutcome(
                 "acquired", token, lock=JobLock(job_id, lock_key, token, self),
                 attempt=attempt_number(previous, released),
-                previous_holder=_holder(previous))
+                previous_holder=_holder(previous), first=previous is None)
         lock_kvs = ranges[0] if ranges else []
         if self._check_done and len(ranges) > 1 and ranges[1]:
             return LockOutcome("committed")

@@ -8,10 +8,12 @@ commit time, after the task body has returned but in the same thread.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AresError, LeaseLost
+from .checkpoints import JobCheckpoints
 
 if TYPE_CHECKING:
     from ..coordination.mutex import JobLock
@@ -50,7 +52,16 @@ class JobContext:
     gpu_uuids: list[str] = field(default_factory=list)
     host: str | None = None
     placement_score: float | None = None
+    #: This run's handle on the job's fenced checkpoint; the worker hands
+    #: in one bound to the result store, a context made elsewhere (eager)
+    #: keeps checkpoints in memory for the run.
+    checkpoints: JobCheckpoints | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.checkpoints is None:
+            self.checkpoints = JobCheckpoints(self.job_id, self.fencing_token,
+                                              None, may_exist=False)
 
     @property
     def lease_lost(self) -> bool:
@@ -67,6 +78,38 @@ class JobContext:
                 f"job {self.job_id}: lease for fencing token "
                 f"{self.fencing_token} is lost; another worker may own the "
                 "job now and this execution's commit will be rejected")
+
+    @property
+    def last_checkpoint(self) -> Any:
+        """The state of the job's latest checkpoint, None if it has none.
+
+        Whoever runs the job next (a takeover after a crash, a retry, a
+        redelivery) sees what the previous run saved last, so a body starts
+        with ``state = ctx.last_checkpoint or {"step": 0}``. Read from the
+        store on first access only: a job that never asks pays nothing.
+        The state is what ``json.loads`` gives back (tuples come back as
+        lists, dict keys as strings).
+        """
+        latest = self.checkpoints.latest()
+        return latest.state if latest is not None else None
+
+    def checkpoint(self, state: Any) -> None:
+        """Save ``state`` (JSON, at most 1 MiB encoded) as the job's
+        checkpoint, replacing the previous one atomically.
+
+        Fenced like the result: the write lands only while this run is the
+        job's newest holder; a zombie's write raises :class:`LeaseLost` and
+        never overwrites a newer holder's progress. Raises
+        :class:`~ares_celery.errors.CheckpointNotSerializable` or
+        :class:`~ares_celery.errors.CheckpointTooLarge` at the call for a
+        state that cannot be saved: put large blobs (weights, optimizer
+        state) in your own storage and checkpoint their reference. Kept
+        while the job is uncommitted; deleted once its result is committed.
+        """
+        # Validated before the lease check: a bad state is the caller's bug
+        # whatever the lease does. A lease known lost locally stops a
+        # zombie without a round trip; the store's fence stops the rest.
+        self.checkpoints.save(state, time.time(), before_write=self.check)
 
 
 def _registry() -> dict[str, JobContext]:

@@ -2,11 +2,12 @@
 
 A submission is *reserved* with one atomic script (SET-NX semantics plus a
 claim timestamp), then the message is published, then the record is marked
-*published*. A duplicate that finds a fresh reservation waits for it to turn
-into *published*; one that finds a stale reservation (its client died
-between recording and publishing) takes the claim over and publishes itself,
-so the job is never lost. Publishing twice in that rare race is harmless:
-layers 2 and 3 make execution and commit exactly-once anyway.
+*published* (one HSET). A duplicate that finds a fresh reservation waits
+for it to turn into *published*; one that finds a stale reservation (its
+client died between recording and publishing) takes the claim over and
+publishes itself, so the job is never lost. Publishing twice in that rare
+race is harmless: layers 2 and 3 make execution and commit exactly-once
+anyway.
 
 The broker can lose a published message too: kombu's Redis transport pops a
 message and records it as unacked in two steps, so a Redis crash between
@@ -72,19 +73,6 @@ end
 return {'pending', f[1]}
 """
 
-_MARK_PUBLISHED = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'state', 'published', 'at', now)
-  return 1
-end
-redis.call('HSET', KEYS[1], 'job', ARGV[1], 'task', ARGV[2],
-           'digest', ARGV[3], 'state', 'published', 'at', now)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 0
-"""
-
 _ROLLBACK = """
 local f = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if f[1] == ARGV[1] and f[2] == 'reserved' then
@@ -129,7 +117,6 @@ class DedupStore:
         self._republish_ms = int(republish_after * 1000)
         self._url = url
         self._reserve = client.register_script(_RESERVE)
-        self._published = client.register_script(_MARK_PUBLISHED)
         self._rollback = client.register_script(_ROLLBACK)
         self._record_purge = client.register_script(_RECORD_PURGE)
 
@@ -177,8 +164,21 @@ class DedupStore:
 
     def mark_published(self, request_id: str, job_id: str, task_name: str,
                        digest: str) -> None:
-        self._call(self._published, [self._keys.dedup(request_id)],
-                   [job_id, task_name, digest, self._ttl])
+        """One HSET (no script, no clock read): the record keeps its
+        reservation time as ``at``. That is a few milliseconds before the
+        publish, which errs the safe way: a purge that ended in between,
+        or a stale-publish check, republishes on a retry rather than not
+        (a second copy is skipped or deferred by layers 2 and 3). The
+        record's identity fields are written again with the state, so a
+        record that vanished meanwhile (a forget) is whole again at once;
+        then, and only then, it needs its TTL too."""
+        key = self._keys.dedup(request_id)
+        with unavailable_as_ares_error(self._url):
+            added = self._redis.hset(key, mapping={
+                "job": job_id, "task": task_name, "digest": digest,
+                "state": "published"})
+            if added:
+                self._redis.expire(key, self._ttl)
 
     def rollback(self, request_id: str, owner: str) -> None:
         """Undo our reservation after a failed publish (the seed never did),

@@ -23,12 +23,14 @@ from ..observability.metrics import (
     observe_attempt,
 )
 from . import context
+from .checkpoints import JobCheckpoints, checkpoint_store
 from .context import JobContext
 from .messages import encode_message, job_message
 
 if TYPE_CHECKING:
     from celery import Task
 
+    from ..coordination.mutex import LockOutcome
     from ..services import Services
 
 logger = logging.getLogger("ares_celery.execution")
@@ -79,7 +81,7 @@ class JobRuntime:
                               f"{holder.get('pid')}")
         token = outcome.token
         try:
-            committed = self._store().register_fence(job_id, token)
+            committed = self._check_store(job_id, outcome)
         except Exception as exc:  # noqa: BLE001 - any store error defers
             self._release_quietly(job_id, token)
             count_job_lock("unavailable")
@@ -94,7 +96,9 @@ class JobRuntime:
                          fencing_token=token, task_name=task.name,
                          grant=grant, keeper=services.keeper,
                          acquired_at=acquired_at, lock=outcome.lock,
-                         attempt=outcome.attempt)
+                         attempt=outcome.attempt,
+                         checkpoints=self._checkpoints(task, job_id, token,
+                                                       outcome.attempt))
         context.register(ctx)
         events.lease_taken(task, ctx)
         observe_attempt(outcome.attempt)
@@ -110,6 +114,38 @@ class JobRuntime:
                 f"{holder.get('host')}:{holder.get('pid')}; not run again")
         return ctx
 
+    def _checkpoints(self, task: Task, job_id: str, token: int,
+                     attempt: int) -> JobCheckpoints:
+        """The run's checkpoint handle; its store is opened on first use.
+        A checkpoint may exist only if the job ran before (a takeover or a
+        retry), which is when a commit must delete it."""
+        return JobCheckpoints(
+            job_id, token,
+            lambda: checkpoint_store(self._store(), self._services),
+            on_saved=lambda saved: events.checkpointed(task, saved),
+            may_exist=attempt > 1 or bool(task.request.retries))
+
+    def _check_store(self, job_id: str, outcome: LockOutcome) -> str | None:
+        """Before the body: the committed token if the job is committed.
+
+        A store whose commit marker is in etcd was read by the lock Txn
+        already, and its commit compares lock ownership itself: no call. A
+        first holder (the lock Txn created the job's record) raises no
+        fence: no earlier holder, hence no older token, can exist while the
+        record lives, and every later holder finds the record and raises
+        the fence before its body runs, which is what fences this one if
+        it turns zombie. It still asks whether the job is committed: the
+        record of a committed job is deleted, so a late copy of its message
+        is a first holder too.
+        """
+        store = self._store()
+        if store.marker_in_etcd:
+            return None
+        if outcome.first:
+            return store.register_fence(job_id, outcome.token,
+                                        first_holder=True)
+        return store.register_fence(job_id, outcome.token)
+
     def max_attempts(self, task: Task) -> int:
         """The task's ``max_attempts`` option, else ``ares_max_attempts``."""
         own = getattr(task, "max_attempts", None)
@@ -124,6 +160,8 @@ class JobRuntime:
             # The lock may be gone with the commit already (etcd store);
             # the job's record and release count go now too.
             self._services.locks.discard_after_commit(job_id)
+            if ctx.checkpoints is not None:
+                ctx.checkpoints.discard()
         elif not ctx.released:
             self._release_quietly(job_id, ctx.fencing_token)
 

@@ -113,6 +113,7 @@ class JobRetirer:
             lock, record = self._wait_for_holder(job_id, bool(marker), record)
             ops = [op_delete(keys.job_record(job_id)),
                    op_delete(keys.released(job_id)),
+                   op_delete(keys.checkpoint_record(job_id)),
                    *self._store.retire_ops(job_id)]
             compare = [cmp_create_revision(
                 keys.lock(job_id), lock.create_revision if lock else 0)]
@@ -132,6 +133,10 @@ class JobRetirer:
             out.removed.append(f"stale lock (token {lock.create_revision})")
         if record is not None:
             out.removed.append(f"job record ({record.version} holder(s))")
+        # A rerun must start fresh, not from a checkpoint of the old run
+        # (left behind when its holder died between commit and cleanup).
+        if services.redis.delete(keys.checkpoint(job_id)):
+            out.removed.append("checkpoint")
         if marker:
             self._store.retire_commit(job_id)
             out.removed.append(f"{marker.get('state') or 'committed'} result "

@@ -7,7 +7,8 @@ every field here starts with ``ares_`` to never shadow one of Celery's own
 ``task-ares-*``: ``lease`` (the job's lock was taken; fencing token),
 ``placement`` (GPUs allocated), ``deferred`` (the job cannot run now and
 was re-published), ``skipped`` (already committed, not run again) and
-``commit`` (the result was accepted or fenced). See docs/metrics.md.
+``commit`` (the result was accepted or fenced) and ``checkpoint`` (the
+job saved a checkpoint: its time, size and token). See docs/metrics.md.
 
 Sending costs one broker publish, so it happens only while the worker
 sends task events (``-E``, ``worker_send_task_events``, or Flower's
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from celery import Task
 
+    from ..exactly_once.checkpoints import Checkpoint
     from ..exactly_once.context import JobContext
     from ..gpu.allocation import Allocation
 
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "task-ares-"
 EVENT_TYPES = tuple(PREFIX + kind for kind in (
-    "lease", "placement", "deferred", "skipped", "commit"))
+    "lease", "placement", "deferred", "skipped", "commit", "checkpoint"))
 
 
 class EventSwitch:
@@ -93,12 +95,12 @@ def lease_taken(task: Task, ctx: JobContext) -> None:
 
 
 def placed(task: Task, ctx: JobContext, allocation: Allocation,
-           queue: str, waited: float) -> None:
+           queue: str, waited: float, priority: int | None = None) -> None:
     placement = allocation.placement.to_dict()
     emit(task, "placement", ares_host=ctx.host, ares_gpus=ctx.gpus,
          ares_gpu_uuids=ctx.gpu_uuids, ares_placement_score=placement["score"],
          ares_placement=placement["reason"], ares_queue=queue,
-         ares_gpu_wait_s=round(waited, 4))
+         ares_gpu_wait_s=round(waited, 4), ares_priority=priority)
 
 
 def deferred(task: Task, why: str, delay: float, waits: int,
@@ -109,6 +111,14 @@ def deferred(task: Task, why: str, delay: float, waits: int,
 
 def skipped(task: Task) -> None:
     emit(task, "skipped", ares_skipped="already committed; not run again")
+
+
+def checkpointed(task: Task, checkpoint: Checkpoint) -> None:
+    """The running job saved a checkpoint (the state itself is not sent:
+    it may be up to 1 MiB)."""
+    emit(task, "checkpoint", ares_checkpoint_at=round(checkpoint.at, 3),
+         ares_checkpoint_size=checkpoint.size,
+         ares_checkpoint_token=checkpoint.token)
 
 
 def committed(task_id: str, outcome: str, token: int,

@@ -29,6 +29,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REQUEST_OUTCOMES = ("new", "duplicate", "conflict")
 LOCK_OUTCOMES = ("acquired", "held_elsewhere", "committed", "unavailable")
 COMMIT_OUTCOMES = ("accepted", "fenced")
+#: A checkpoint write by the holder (saved) or by a zombie (fenced: refused).
+CHECKPOINT_OUTCOMES = ("saved", "fenced")
 #: Where a recovered job's message came from: its lock (it was running) or
 #: a worker's reservation (prefetched or waiting for its ETA).
 RECOVERY_SOURCES = ("lock", "reserved")
@@ -61,9 +63,18 @@ class AresMetrics:
             "ares_commits_total",
             "Final results written by lease holders: accepted, or fenced "
             "(a zombie's commit rejected)", ["outcome"], registry=registry)
+        self.checkpoints = Counter(
+            "ares_checkpoints_total",
+            "Checkpoints written by jobs: saved, or fenced (a zombie's "
+            "checkpoint refused)", ["outcome"], registry=registry)
         self.gpu_wait = Histogram(
             "ares_gpu_allocation_wait_seconds",
             "How long a GPU job waited on its host for its GPUs",
+            buckets=WAIT_BUCKETS, registry=registry)
+        self.gpu_wait_by_priority = Histogram(
+            "ares_gpu_wait_by_priority_seconds",
+            "How long a GPU job waited on its host for its GPUs, by the "
+            "job's priority (0-9, higher is more urgent)", ["priority"],
             buckets=WAIT_BUCKETS, registry=registry)
         self.gpu_allocations = Counter(
             "ares_gpu_allocations_total",
@@ -91,13 +102,15 @@ class AresMetrics:
         for counter, outcomes in ((self.requests, REQUEST_OUTCOMES),
                                   (self.job_locks, LOCK_OUTCOMES),
                                   (self.commits, COMMIT_OUTCOMES),
+                                  (self.checkpoints, CHECKPOINT_OUTCOMES),
                                   (self.recoveries, RECOVERY_SOURCES)):
             for outcome in outcomes:
                 counter.labels(outcome)
 
     def unregister(self) -> None:
         for metric in (self.requests, self.leases_granted, self.leases_lost,
-                       self.job_locks, self.commits, self.gpu_wait,
+                       self.job_locks, self.commits, self.checkpoints,
+                       self.gpu_wait, self.gpu_wait_by_priority,
                        self.gpu_allocations, self.gpus_busy, self.attempts,
                        self.attempts_exhausted, self.recoveries):
             try:
@@ -164,6 +177,11 @@ def count_commit(outcome: str) -> None:
 
 
 @_never_raises
+def count_checkpoint(outcome: str) -> None:
+    metrics().checkpoints.labels(outcome).inc()
+
+
+@_never_raises
 def observe_attempt(attempt: int) -> None:
     metrics().attempts.observe(attempt)
 
@@ -179,9 +197,12 @@ def count_recovery(source: str) -> None:
 
 
 @_never_raises
-def observe_gpu_allocation(wait_seconds: float) -> None:
+def observe_gpu_allocation(wait_seconds: float,
+                           priority: int | None = None) -> None:
     m = metrics()
     m.gpu_wait.observe(wait_seconds)
+    if priority is not None:
+        m.gpu_wait_by_priority.labels(str(priority)).observe(wait_seconds)
     m.gpu_allocations.inc()
 
 

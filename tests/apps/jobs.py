@@ -15,6 +15,7 @@ import time
 
 import redis
 
+from ares_celery.errors import LeaseLost
 from tests.apps.config import make_app
 from tests.records import executions_key
 
@@ -193,3 +194,48 @@ gpu2_nvlink = _gpu_test_task("gpu2_nvlink", gpus=2, interconnect="nvlink")
 gpu4_nvlink = _gpu_test_task("gpu4_nvlink", gpus=4, interconnect="nvlink",
                              min_memory_gb=30)
 gpu2_limited = _gpu_test_task("gpu2_limited", gpus=2, time_limit=2)
+
+
+#: States ``jobs.steps`` is told to checkpoint to show the errors.
+BAD_STATES = {"not-json": lambda: {"step": 1, "weights": {1, 2}},
+              "too-large": lambda: {"step": 1, "blob": "x" * (1 << 20)}}
+
+
+@ares.task(name="jobs.steps", bind=True, max_retries=3)
+def steps(self, total, every, hang_at=None, retry_at=None, bad_state=None):
+    """A training loop: resumes from its last checkpoint, records every
+    step it executes, checkpoints ``{"step": n}`` every ``every`` steps.
+
+    ``hang_at`` maps an attempt number ("1", "2") to a step after which
+    that holder blocks until the test releases it (by token); ``retry_at``
+    calls ``self.retry`` after that step on the first delivery; a refused
+    checkpoint is recorded before its LeaseLost goes up.
+    """
+    ctx = ares.current()
+    record_execution(ctx.job_id, ctx.fencing_token)
+    if bad_state:
+        ctx.checkpoint(BAD_STATES[bad_state]())
+    state = ctx.last_checkpoint or {"step": 0}
+    _store.rpush(f"test:started:{ctx.job_id}", json.dumps(
+        {"pid": os.getpid(), "token": ctx.fencing_token,
+         "attempt": ctx.attempt, "from": state["step"], "at": time.time()}))
+    hang = (hang_at or {}).get(str(ctx.attempt))
+    for step in range(state["step"], total):
+        _store.rpush(f"test:steps:{ctx.job_id}", json.dumps(
+            {"step": step, "token": ctx.fencing_token}))
+        if step == hang:
+            _store.rpush(f"test:hung:{ctx.job_id}", ctx.fencing_token)
+            wait_released([f"test:release:{ctx.job_id}:{ctx.fencing_token}",
+                           f"test:release:{ctx.job_id}"], 120)
+        if step == retry_at and self.request.retries == 0:
+            raise self.retry(countdown=0.1)
+        if (step + 1) % every == 0:
+            try:
+                ctx.checkpoint({"step": step + 1})
+            except LeaseLost as exc:
+                _store.rpush(f"test:refused:{ctx.job_id}", json.dumps(
+                    {"token": ctx.fencing_token, "step": step + 1,
+                     "error": str(exc)}))
+                raise
+    return {"start": state["step"], "token": ctx.fencing_token,
+            "attempt": ctx.attempt, "retries": self.request.retries}

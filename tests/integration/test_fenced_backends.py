@@ -55,6 +55,38 @@ def test_redis_commit_is_write_once_and_fenced(jobs, store):
     assert backend.register_fence("job-1", 11) == "10"  # committed: skip
 
 
+def test_redis_first_holder_needs_no_fence_and_stays_fenceable(jobs, store):
+    """Lever 1 of issue 14: a first holder only asks "committed?" (no
+    fence written), its commit is accepted with no fence recorded, and a
+    later holder's fence still rejects it as a zombie."""
+    app, _ = jobs.make_app("fence-first")
+    backend = app.backend
+    assert backend.register_fence("job-f", 10, first_holder=True) is None
+    assert store.hget(KEYS.job("job-f"), "fence") is None
+    # A later holder (takeover) raises the fence; the first is a zombie.
+    assert backend.register_fence("job-f", 20) is None
+    as_holder("job-f", 10)
+    backend.store_result("job-f", "zombie", "SUCCESS")
+    context.unregister("job-f")
+    assert backend.get_task_meta("job-f")["status"] == "PENDING"
+    # With no fence at all, a first holder's commit is accepted, once.
+    ctx = as_holder("job-g", 30)
+    backend.store_result("job-g", "first", "SUCCESS")
+    context.unregister("job-g")
+    assert ctx.committed
+    assert store.hget(KEYS.job("job-g"), "commits") == b"1"
+    assert backend.register_fence("job-g", 40, first_holder=True) == "30"
+    # Retired (forget): the record is gone, so the next holder is "first",
+    # but earlier tenures exist: it raises the fence after all.
+    backend.retire_commit("job-g")
+    assert backend.register_fence("job-g", 50, first_holder=True) is None
+    assert store.hget(KEYS.job("job-g"), "fence") == b"50"
+    as_holder("job-g", 45)
+    backend.store_result("job-g", "zombie", "SUCCESS")
+    context.unregister("job-g")
+    assert backend.get_task_meta("job-g")["status"] == "PENDING"
+
+
 def test_redis_commit_race_writes_once(jobs, store):
     """Eight writers race to commit the same job: exactly one write and one
     PUBLISH happen (a check-then-set would let several through)."""

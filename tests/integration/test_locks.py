@@ -109,3 +109,26 @@ def test_a_committed_job_leaves_no_keys_behind(etcd):
     for key in (KEYS.lock("clean-job"), KEYS.job_record("clean-job"),
                 KEYS.released("clean-job")):
         assert etcd.get(key) is None, key
+
+
+def test_only_the_txn_that_creates_the_job_record_is_a_first_holder(etcd):
+    """The first holder skips the Redis fence; every later tenure (a
+    deliberate release, a death) must not, or a zombie goes unfenced."""
+    keeper = Session(etcd, 30)
+    locks = JobLocks(etcd, Keys("ares"), check_done_marker=False)
+    try:
+        first = locks.acquire("first-job", keeper.current())
+        assert first.status == "acquired" and first.first
+        assert locks.acquire("first-job", keeper.current()).status == "held"
+        assert first.lock.release()
+        again = locks.acquire("first-job", keeper.current())
+        assert again.status == "acquired" and not again.first
+        # A committed job's record goes with its lock: the next copy is a
+        # first holder again, which is why the store still answers
+        # "committed?" for first holders.
+        locks.discard_after_commit("first-job")
+        locks.flush()
+        late = locks.acquire("first-job", keeper.current())
+        assert late.status == "acquired" and late.first
+    finally:
+        keeper.close()
