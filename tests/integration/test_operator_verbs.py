@@ -153,8 +153,11 @@ def test_etcd_store_revoke_and_async_forget(jobs, store, etcd, broker):
     job_id = job_id_for("ares", rid)
     with start_worker(app, pool="threads", concurrency=2,
                       perform_ping_check=False, shutdown_timeout=20) as worker:
-        assert app.control.revoke(job_id, reply=True, timeout=5,
-                                  destination=[worker.hostname])
+        # The worker's control consumer may subscribe a moment after it is
+        # ready (Redis broadcasts are not kept): revoke until it answers.
+        wait_for(lambda: app.control.revoke(
+            job_id, reply=True, timeout=1, destination=[worker.hostname]),
+            20, "the worker to confirm the revoke")
         first = echo.apply_async((1,), request_id=rid)
         with pytest.raises(TaskRevokedError):
             first.get(timeout=20, interval=0.05)
