@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from ares_celery.testing.servers import die_with_parent, wait_until
@@ -19,6 +20,27 @@ ROOT = Path(__file__).resolve().parent.parent
 def wait_for(predicate, timeout: float, what: str):
     """Poll ``predicate`` until it returns a truthy value, with a deadline."""
     return wait_until(predicate, timeout, what, max_pause=0.05)
+
+
+def owner(workers, pid: int):
+    """The worker whose process group the pool process ``pid`` is in."""
+    group = os.getpgid(pid)
+    return next(w for w in workers if w.proc.pid == group)
+
+
+@contextmanager
+def worker_pair(app, env: dict, concurrency: int = 2):
+    """Two ``celery worker`` processes started with ``env``, SIGKILLed
+    after: the takeover tests' holder and the worker that takes over."""
+    workers = [WorkerProcess(app, concurrency=concurrency, env=env)
+               for _ in range(2)]
+    try:
+        for worker in workers:
+            worker.start()
+        yield workers
+    finally:
+        for worker in workers:
+            worker.kill()
 
 
 class WorkerProcess:

@@ -39,10 +39,10 @@ from celery.result import EagerResult
 from kombu.utils.uuid import uuid
 
 from .. import headers as wire
-from ..errors import AresError, ConfigurationError, InvalidRequestId, RequestIdConflict
+from ..errors import AresError, ConfigurationError, RequestIdConflict
 from ..headers import header
 from .context import JobContext
-from .identity import job_id_for, submission_digest, validate_request_id
+from .identity import name_job, submission_digest
 
 if TYPE_CHECKING:
     from celery import Task
@@ -167,13 +167,7 @@ class EagerRuntime:
         them."""
         if request_id is None:
             return None, task_id or uuid()
-        rid = validate_request_id(request_id)
-        job_id = job_id_for(self._namespace, rid)
-        if task_id is not None and task_id != job_id:
-            raise InvalidRequestId(
-                f"task_id {task_id!r} contradicts request_id {rid!r} (whose "
-                f"job id is {job_id}); pass only one of them")
-        return rid, job_id
+        return name_job(self._namespace, request_id, task_id)
 
     def _check_same_work(self, job: _Job, job_id: str, task_name: str,
                          digest: str, rid: str | None) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 from ..errors import InvalidRequestId
 from ..keys import Keys
 
-__all__ = ["Keys", "job_id_for", "submission_digest", "validate_request_id"]
+__all__ = ["Keys", "job_id_for", "name_job", "submission_digest",
+           "validate_request_id"]
 
 MAX_REQUEST_ID_LENGTH = 256
 
@@ -41,6 +42,19 @@ def validate_request_id(request_id: Any) -> str:
 def job_id_for(namespace: str, request_id: str) -> str:
     """The job (Celery task) id every submission of ``request_id`` gets."""
     return str(uuid.uuid5(JOB_ID_NAMESPACE, f"{namespace}\x00{request_id}"))
+
+
+def name_job(namespace: str, request_id: Any,
+             task_id: str | None) -> tuple[str, str]:
+    """``(request id, job id)`` of a submission with a request id; a
+    ``task_id`` given too must be that job id (one name per job)."""
+    rid = validate_request_id(request_id)
+    job_id = job_id_for(namespace, rid)
+    if task_id is not None and task_id != job_id:
+        raise InvalidRequestId(
+            f"task_id {task_id!r} contradicts request_id {rid!r} (whose "
+            f"job id is {job_id}); pass only one of them")
+    return rid, job_id
 
 
 def submission_digest(task_name: str, args: Any, kwargs: Any) -> str:

@@ -24,12 +24,11 @@ from .. import headers as wire
 from ..clients.redis import redact_url
 from ..errors import (
     ConfigurationError,
-    InvalidRequestId,
     RequestIdConflict,
     ServiceUnavailable,
 )
 from ..observability.metrics import count_request
-from .identity import job_id_for, submission_digest, validate_request_id
+from .identity import name_job, submission_digest
 
 logger = logging.getLogger("ares_celery.submission")
 
@@ -111,13 +110,9 @@ class Submitter:
             rid, job_id = _TASK_ID_PREFIX + str(task_id), str(task_id)
             shown = f"task_id {task_id!r}"
         else:
-            rid = validate_request_id(request_id)
-            job_id = job_id_for(services.settings.namespace, rid)
+            rid, job_id = name_job(services.settings.namespace, request_id,
+                                   task_id)
             shown = f"request_id {rid!r}"
-            if task_id is not None and task_id != job_id:
-                raise InvalidRequestId(
-                    f"task_id {task_id!r} contradicts request_id {rid!r} "
-                    f"(whose job id is {job_id}); pass only one of them")
         services.require_etcd()
         digest = submission_digest(name, args, kwargs)
         try:

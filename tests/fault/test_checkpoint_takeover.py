@@ -17,7 +17,7 @@ import signal
 import pytest
 
 from ares_celery.exactly_once.checkpoints import RedisCheckpoints
-from tests.processes import WorkerProcess, wait_for
+from tests.processes import owner, wait_for, worker_pair
 from tests.records import KEYS, executions
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -37,25 +37,15 @@ def executed_steps(store, job_id):
     return [json.loads(x) for x in store.lrange(f"test:steps:{job_id}", 0, -1)]
 
 
-def owner(workers, pid):
-    group = os.getpgid(pid)
-    return next(w for w in workers if w.proc.pid == group)
-
-
 def latest(store, job_id):
     return RedisCheckpoints(store, KEYS, ttl=1).load(job_id)
 
 
 @pytest.fixture()
 def pair(jobs, store):
-    workers = [WorkerProcess(jobs.app, concurrency=2, env=ENV)
-               for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    yield workers
-    jobs.release(store, "test:release-all")
-    for worker in workers:
-        worker.kill()
+    with worker_pair(jobs.app, ENV) as workers:
+        yield workers
+        jobs.release(store, "test:release-all")
 
 
 def test_killed_job_resumes_from_its_last_checkpoint(jobs, store, pair):

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from ares_celery import AttemptsExhausted
-from tests.processes import WorkerProcess, wait_for
+from tests.processes import WorkerProcess, owner, wait_for, worker_pair
 from tests.records import KEYS, executions
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -34,22 +34,11 @@ def started(store, job_id):
     return [json.loads(x) for x in store.lrange(f"test:started:{job_id}", 0, -1)]
 
 
-def owner(workers, pid):
-    """The worker whose process group the pool process ``pid`` is in."""
-    group = os.getpgid(pid)
-    return next(w for w in workers if w.proc.pid == group)
-
-
 @pytest.fixture()
 def pair(jobs, store):
-    workers = [WorkerProcess(jobs.app, concurrency=2, env=ENV)
-               for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    yield workers
-    jobs.release(store, "test:release-all")
-    for worker in workers:
-        worker.kill()
+    with worker_pair(jobs.app, ENV) as workers:
+        yield workers
+        jobs.release(store, "test:release-all")
 
 
 def pool_sigstop(worker, pid):

@@ -200,7 +200,6 @@ def test_a_misspelled_setting_warns_with_the_closest_name():
 def test_unknown_settings_from_config_from_object_warn():
     class Config:
         broker_url = "redis://127.0.0.1:1/0"
-        broker_transport_options = {"visibility_timeout": 3600}
         ares_dedup_tl = 60
         ares_redis_max_conns = 4
         ARES_LEASE_TTL = 5              # Celery settings are lower case
@@ -219,7 +218,6 @@ def test_unknown_settings_from_config_from_object_warn():
 def test_namespaced_config_is_read_and_checked_under_its_prefix():
     class Config:
         CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
-        CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
         CELERY_ARES_LEASE_TTL = 7
         CELERY_ARES_LEASE_TLL = 9
 
