@@ -60,7 +60,9 @@ class WorkerProcess:
         self.log = Path(tempfile.mkstemp(prefix="ares-worker-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> WorkerProcess:
+    def start(self, timeout: float = 30.0, wait: bool = True) -> WorkerProcess:
+        """Launch the worker and (unless ``wait`` is false) wait until it
+        answers a ping."""
         cmd = [sys.executable, "-m", "celery", "-A", self.module,
                "worker", "-n", self.name, "-P", self.pool,
                "-c", str(self.concurrency), "-l", "info",
@@ -70,7 +72,8 @@ class WorkerProcess:
                 cmd, cwd=ROOT, env=self.env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=die_with_parent)
-        wait_for(self._ready, timeout, f"worker {self.name} ready")
+        if wait:
+            wait_for(self._ready, timeout, f"worker {self.name} ready")
         return self
 
     def _ready(self) -> bool:

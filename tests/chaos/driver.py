@@ -248,7 +248,10 @@ class ChaosRun:
                 self.report.worker_exits += 1
                 print(f"chaos: worker {index} exited "
                       f"({worker.proc.returncode}); restarting", flush=True)
-                self.workers[index] = self._worker(index).start()
+                # Launched, not awaited: waiting for its ping here would
+                # stall the progress polls of the fault plan while the other
+                # workers drain the queue past the next fault's point.
+                self.workers[index] = self._worker(index).start(wait=False)
 
     def _wait(self, check, timeout: float, what: str):
         """Poll ``check`` with a deadline, supervising the workers meanwhile."""
