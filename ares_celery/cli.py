@@ -252,7 +252,10 @@ def job(ctx: click.Context, ref: str) -> None:
     else:
         click.echo("lease      not held")
     click.echo(f"attempts   {view.attempts} (holders that took the job and "
-               "did not give it back; a retry does not count)")
+               "did not give it back; a retry or a preemption does not "
+               "count)")
+    if view.priority is not None:
+        click.echo(f"priority   {view.priority} (0-9, higher is more urgent)")
     click.echo(f"fence      {decoded.get('fence', '-')}")
     if "committed" in decoded:
         click.echo(f"committed  yes: {decoded.get('state')} with token "

@@ -55,6 +55,15 @@ class LeaseLost(AresError):
     """The worker no longer holds the job's lease: its commit will be fenced."""
 
 
+class Preempted(LeaseLost):
+    """A more urgent job needs this job's GPUs: ``ctx.check()`` raises it so
+    the body stops (after a checkpoint, ideally). A kind of
+    :class:`LeaseLost` because the handling is the same: the run ends
+    without a commit and the job is requeued, keeping its job id; it
+    resumes from its last checkpoint and the stop is not counted as a
+    failed attempt. A body that lets it propagate needs no other code."""
+
+
 class CheckpointError(AresError, ValueError):
     """A checkpoint state that cannot be saved; raised at the call, before
     any round trip, so the body that passed it sees why."""

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import headers as wire
 from .clients.etcd import KeyValue
 from .exactly_once.checkpoints import Checkpoint, checkpoint_store
 from .services import Services
@@ -41,6 +42,9 @@ class JobView:
     meta: dict[str, Any] = field(default_factory=dict)
     #: The job's latest checkpoint (kept until its result is committed).
     checkpoint: Checkpoint | None = None
+    #: GPU jobs: the priority the job's message carries (kept in its etcd
+    #: record until the commit), None if unknown.
+    priority: int | None = None
 
     @property
     def stored_result(self) -> bool:
@@ -65,6 +69,7 @@ def read_job(services: Services, backend: Any, job_id: str,
     id, the scan of dedup records that finds its request id."""
     etcd, keys, redis = services.etcd, services.keys, services.redis
     lock = etcd.get(keys.lock(job_id))
+    record = etcd.get(keys.job_record(job_id))
     holder: dict[str, Any] = {}
     ttl = -1
     if lock is not None:
@@ -77,7 +82,8 @@ def read_job(services: Services, backend: Any, job_id: str,
         lock=lock, holder=holder, ttl=ttl,
         attempts=services.locks.attempts(job_id),
         record=_text(redis.hgetall(keys.job(job_id))),
-        job_record=etcd.get(keys.job_record(job_id)) is not None,
+        job_record=record is not None,
+        priority=_priority(record),
         meta=backend.get_task_meta(job_id),
         checkpoint=checkpoint_store(backend, services).load(job_id))
     if view.known:
@@ -91,6 +97,17 @@ def read_job(services: Services, backend: Any, job_id: str,
                                                   keys_only=True)
     mine = any(kv.key.endswith(f"/{job_id}") for kv in reserved)
     return replace(view, reserved=True) if mine else view
+
+
+def _priority(record: KeyValue | None) -> int | None:
+    """The priority in a job record's message (its GPU route header)."""
+    try:
+        message = json.loads(record.value) if record is not None else {}
+        route = message["options"]["headers"][wire.ROUTE]
+        priority = route["priority"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return priority if isinstance(priority, int) else None
 
 
 def _request_id_of(redis: Any, prefix: str, job_id: str,

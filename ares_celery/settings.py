@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "ares_lease_retry_max_delay": None,  # defaults to the lease TTL
     "ares_redis_max_connections": 16,
     "ares_gpu_wait_timeout": 60.0,     # worker waits this long for GPUs
+    "ares_preempt_grace": 30.0,        # a preempted job's time to yield
     "ares_gpu_state_dir": None,        # default: the temp dir
     "ares_cuda_visible_devices": "index",  # or "uuid"
     "ares_metrics_port": None,         # workers: Prometheus port, or "host:port"
@@ -218,6 +219,7 @@ class AresSettings:
     lease_retry_max_delay: float = 30.0
     redis_max_connections: int = 16
     gpu_wait_timeout: float = 60.0
+    preempt_grace: float = 30.0
     gpu_state_dir: str | None = None
     cuda_visible_devices: str = "index"
     metrics_listen: tuple[str, int] | None = None
@@ -294,6 +296,8 @@ class AresSettings:
                 values["ares_redis_max_connections"], 2, 10000, integer=True),
             gpu_wait_timeout=_number("ares_gpu_wait_timeout",
                                      values["ares_gpu_wait_timeout"], 0, 86400),
+            preempt_grace=_number("ares_preempt_grace",
+                                  values["ares_preempt_grace"], 0, 86400),
             gpu_state_dir=_directory("ares_gpu_state_dir",
                                      values["ares_gpu_state_dir"]),
             cuda_visible_devices=visible,

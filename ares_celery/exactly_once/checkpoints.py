@@ -253,6 +253,17 @@ class JobCheckpoints:
             self._store = self._open()
         return self._store
 
+    def listen(self, on_saved: Callable[[Checkpoint], None]) -> None:
+        """Also call ``on_saved`` after every save (the GPU host notes the
+        time: work since then is what a preemption would lose)."""
+        before = self._on_saved
+
+        def both(saved: Checkpoint) -> None:
+            if before is not None:
+                before(saved)
+            on_saved(saved)
+        self._on_saved = both
+
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint, read from the store on first use."""
         if not self._loaded:

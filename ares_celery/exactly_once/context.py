@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AresError, LeaseLost
+from ..errors import AresError, LeaseLost, Preempted
 from .checkpoints import JobCheckpoints
 
 if TYPE_CHECKING:
@@ -56,6 +57,10 @@ class JobContext:
     #: in one bound to the result store, a context made elsewhere (eager)
     #: keeps checkpoints in memory for the run.
     checkpoints: JobCheckpoints | None = field(default=None, repr=False)
+    #: GPU tasks on a worker: asks the host whether a more urgent job has
+    #: asked this one to yield (the request, or None).
+    preempt_probe: Callable[[], dict[str, Any] | None] | None = field(
+        default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,14 +75,39 @@ class JobContext:
             return False
         return not self.keeper.is_valid(self.grant)
 
+    @property
+    def preempt_requested(self) -> bool:
+        """True once a more urgent job has asked this one to give its GPUs
+        back (preemptible GPU tasks only): save a checkpoint and return, or
+        call :meth:`check`, within ``ares_preempt_grace`` seconds."""
+        return self._preemption() is not None
+
+    def _preemption(self) -> dict[str, Any] | None:
+        return self.preempt_probe() if self.preempt_probe is not None \
+            else None
+
     def check(self) -> None:
-        """Raise :class:`LeaseLost` if the lease is gone: call it before a
-        long step or an external side effect to stop a zombie early."""
+        """Raise :class:`LeaseLost` if the lease is gone, or
+        :class:`Preempted` if a more urgent job asked for this job's GPUs:
+        call it between steps, before a long step or an external side
+        effect. Both end this run without a commit; the job is requeued."""
+        self._check_lease()
+        self._check_preemption()
+
+    def _check_lease(self) -> None:
         if self.lease_lost:
             raise LeaseLost(
                 f"job {self.job_id}: lease for fencing token "
                 f"{self.fencing_token} is lost; another worker may own the "
                 "job now and this execution's commit will be rejected")
+
+    def _check_preemption(self) -> None:
+        preemption = self._preemption()
+        if preemption is not None:
+            raise Preempted(
+                f"job {self.job_id}: preempted by job {preemption['by']} "
+                f"(priority {preemption.get('priority')}); it is requeued "
+                "and resumes from its last checkpoint")
 
     @property
     def last_checkpoint(self) -> Any:
@@ -105,11 +135,17 @@ class JobContext:
         state that cannot be saved: put large blobs (weights, optimizer
         state) in your own storage and checkpoint their reference. Kept
         while the job is uncommitted; deleted once its result is committed.
+
+        If a more urgent job has asked this one to yield, the checkpoint is
+        saved first and :class:`Preempted` raised after it: right after a
+        checkpoint is the cheapest moment to stop.
         """
         # Validated before the lease check: a bad state is the caller's bug
         # whatever the lease does. A lease known lost locally stops a
         # zombie without a round trip; the store's fence stops the rest.
-        self.checkpoints.save(state, time.time(), before_write=self.check)
+        self.checkpoints.save(state, time.time(),
+                              before_write=self._check_lease)
+        self._check_preemption()
 
 
 def _registry() -> dict[str, JobContext]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from celery import Task
 
@@ -122,15 +122,22 @@ class ExactlyOnceTask(Task):
         context.push(ctx)
         try:
             return self.run(*args, **kwargs)
-        except LeaseLost:
+        except LeaseLost as exc:
             # The body stopped itself (ctx.check()) because this worker may
-            # no longer own the job: committing that as the job's FAILURE
-            # would end a job nobody finished. Hand it back instead; a newer
-            # holder commits, or this deferred copy runs it again.
-            self._runtime.defer(self, "lease lost during the body")
+            # no longer own the job (or must yield its GPUs): committing
+            # that as the job's FAILURE would end a job nobody finished.
+            # Hand it back instead; a newer holder commits, or this deferred
+            # copy runs it again.
+            self._body_stopped(ctx, exc)
         finally:
             context.pop()
             self._after_body(ctx)
+
+    def _body_stopped(self, ctx: context.JobContext,
+                      exc: LeaseLost) -> NoReturn:
+        """The body raised :class:`LeaseLost` (a lost lease, a preemption):
+        requeue the job without a commit."""
+        self._runtime.defer(self, "lease lost during the body")
 
     def _before_body(self, ctx: context.JobContext) -> None:
         """Hook between taking the lease and running the body."""

@@ -17,14 +17,16 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-#: In the order a job meets them: lease, placement, checkpoint, commit;
-#: then deferrals.
+#: In the order a job meets them: lease, placement, checkpoint,
+#: preemption, commit; then deferrals.
 ARES_FIELDS = (
     "ares_request_id", "ares_fencing_token", "ares_attempt", "ares_lease_id",
     "ares_holder",
     "ares_host", "ares_gpus", "ares_gpu_uuids", "ares_placement_score",
     "ares_placement", "ares_queue", "ares_gpu_wait_s",
     "ares_checkpoint_at", "ares_checkpoint_size", "ares_checkpoint_token",
+    "ares_preempt", "ares_preempted_by", "ares_preempt_grace_s",
+    "ares_gpu_seconds_lost",
     "ares_commit", "ares_commit_token", "ares_fenced_by",
     "ares_deferred", "ares_retry_in_s", "ares_waits", "ares_rerouted_to",
     "ares_skipped",

@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import AresError, UnsatisfiableGpuRequest
 from .model import HostTopology
 from .placement import Placement, PlacementPolicy
+from .preemption import Victim, candidates, choose_victims, work_at_risk
 from .priority import DEFAULT_PRIORITY, effective_priority
 from .request import GpuRequest
 
@@ -41,12 +42,18 @@ class GpusBusy(AresError):
     """The GPUs this job needs did not become free within the wait bound."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (killed, not yet reaped by the
+    worker's main process) counts as dead: its GPUs are no longer used."""
     try:
         os.kill(pid, 0)
     except OSError as exc:
         return exc.errno == errno.EPERM
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def ledger_path(namespace: str, host: str, directory: str | None = None) -> Path:
@@ -71,15 +78,19 @@ class Allocation:
 
 
 def waiter_entry(request: GpuRequest, priority: int,
-                 submitted: float | None) -> dict[str, Any]:
+                 submitted: float | None, preemptible: bool = False,
+                 token: int = 0) -> dict[str, Any]:
     """A waiting job as the ledger file records it: its request, priority,
-    submission time (seniority survives re-routes and deferrals) and pid."""
+    submission time (seniority survives re-routes and deferrals), pid,
+    whether it may be preempted once running and its fencing token (what a
+    preemptor needs to release the lock of a victim it had to kill)."""
     now = time.time()
     return {"gpus": request.gpus, "min_memory_gb": request.min_memory_gb,
             "interconnect": request.interconnect, "policy": request.policy,
             "priority": priority,
             "submitted": now if submitted is None else float(submitted),
-            "pid": os.getpid(), "since": now}
+            "pid": os.getpid(), "since": now, "preemptible": preemptible,
+            "token": token}
 
 
 def entry_request(entry: Mapping[str, Any]) -> GpuRequest:
@@ -166,8 +177,21 @@ class HostGpuLedger:
         together under the lock: what the host's state key must say."""
         with self.locked() as state:
             info = {k: v for k, v in state.items()
-                    if k not in ("allocations", "waiting")}
+                    if k not in ("allocations", "waiting", "reserved")}
+            info["preemptible"] = self._preemptible(state)
             return self._busy(state), info
+
+    def preemptible(self) -> dict[str, int]:
+        """Running jobs a more urgent one may preempt (job id -> priority),
+        for the inventory the router reads."""
+        with self.locked() as state:
+            return self._preemptible(state)
+
+    @staticmethod
+    def _preemptible(state: dict[str, Any]) -> dict[str, int]:
+        return {job: int(entry.get("priority", 0))
+                for job, entry in state.get("allocations", {}).items()
+                if entry.get("preemptible") and not entry.get("preempt")}
 
     def reap_dead(self) -> list[str]:
         """Give back GPUs of processes that died; returns their job ids."""
@@ -178,7 +202,9 @@ class HostGpuLedger:
 
     def try_allocate(self, job_id: str, request: GpuRequest,
                      priority: int = DEFAULT_PRIORITY,
-                     submitted: float | None = None) -> Allocation | None:
+                     submitted: float | None = None,
+                     preemptible: bool = False,
+                     token: int = 0) -> Allocation | None:
         """The job's GPUs if it is granted them now, else None (and the job
         stays registered as waiting, so a release can hand GPUs to it).
 
@@ -196,7 +222,8 @@ class HostGpuLedger:
                 return self._allocation(job_id, request, mine["gpus"])
             waiting = state.setdefault("waiting", {})
             if job_id not in waiting or waiting[job_id]["pid"] != os.getpid():
-                waiting[job_id] = waiter_entry(request, priority, submitted)
+                waiting[job_id] = waiter_entry(request, priority, submitted,
+                                               preemptible, token)
             self._grant(state, time.time())
             mine = allocations.get(job_id)
             if mine is not None and mine["pid"] == os.getpid():
@@ -206,17 +233,24 @@ class HostGpuLedger:
     def allocate(self, job_id: str, request: GpuRequest, timeout: float,
                  on_change: Callable[[], None] | None = None,
                  priority: int = DEFAULT_PRIORITY,
-                 submitted: float | None = None) -> Allocation:
+                 submitted: float | None = None,
+                 preemptible: bool = False, token: int = 0,
+                 on_poll: Callable[[], float | None] | None = None,
+                 ) -> Allocation:
         """Wait (polling, with a deadline) until the ledger grants the job
         its GPUs; a job that gives up (timeout, soft time limit) leaves the
-        waiting list and hands on GPUs granted after its last look."""
+        waiting list and hands on GPUs granted after its last look.
+        ``on_poll`` runs after every look that found no GPUs (the host
+        preempts and enforces the grace from there); it may return a
+        ``time.monotonic()`` the wait must last until (a preemptor waits
+        out its victims' grace)."""
         deadline = time.monotonic() + timeout
         pause = 0.02
         granted: Allocation | None = None
         try:
             while True:
                 granted = self.try_allocate(job_id, request, priority,
-                                            submitted)
+                                            submitted, preemptible, token)
                 if granted is not None:
                     if on_change is not None:
                         on_change()
@@ -225,6 +259,8 @@ class HostGpuLedger:
                     raise GpusBusy(
                         f"{request.describe()} not free on host "
                         f"{self.topology.host} within {timeout:g}s")
+                if on_poll is not None:
+                    deadline = max(deadline, on_poll() or deadline)
                 time.sleep(pause)
                 pause = min(pause * 1.5, 0.5)
         finally:
@@ -244,6 +280,7 @@ class HostGpuLedger:
                 del state["allocations"][job_id]
                 changed = True
             if changed:
+                self._settle(state)
                 self._grant(state, time.time())
 
     def waiting(self) -> dict[str, dict[str, Any]]:
@@ -257,11 +294,122 @@ class HostGpuLedger:
         rank first, in the same locked step: no job that arrives (or polls)
         later can take GPUs a more urgent waiter was owed."""
         with self.locked() as state:
-            released = state.setdefault("allocations", {}).pop(job_id, None) \
-                is not None
-            if released:
+            entry = state.setdefault("allocations", {}).pop(job_id, None)
+            if entry is not None:
+                self._reserve_for_preemptor(state, entry)
                 self._grant(state, time.time())
-            return released
+            return entry is not None
+
+    # -- preemption ------------------------------------------------------------
+
+    def preempt_for(self, job_id: str,
+                    now: float | None = None) -> list[Victim]:
+        """Mark running jobs to yield their GPUs to waiting ``job_id``, if
+        it is the most urgent job that cannot start here, has no preemption
+        in flight, and lower-priority preemptible jobs would free a
+        placement (see :mod:`~ares_celery.gpu.preemption`). Returns the
+        victims marked now (none: nothing to do, or already done)."""
+        now = time.time() if now is None else now
+        with self.locked() as state:
+            self._reap(state)
+            waiting = state.setdefault("waiting", {})
+            allocations = state.setdefault("allocations", {})
+            entry = waiting.get(job_id)
+            if entry is None or any(
+                    (a.get("preempt") or {}).get("by") == job_id
+                    for a in allocations.values()):
+                return []
+            blocked = self._first_blocked(state, now)
+            if blocked != job_id:
+                return []
+            request = entry_request(entry)
+            pool = candidates(allocations, int(entry["priority"]), now)
+            victims = choose_victims(self.topology,
+                                     self._policies[request.policy], request,
+                                     self._free_for(state, job_id), pool)
+            for victim in victims or ():
+                allocations[victim.job_id]["preempt"] = {
+                    "by": job_id, "at": now,
+                    "priority": int(entry["priority"])}
+            return victims or []
+
+    def preempt_request(self, job_id: str) -> dict[str, Any] | None:
+        """The request to yield made to running ``job_id`` (``by``, ``at``,
+        ``priority`` of the preemptor), or None: what ``ctx.check()`` asks."""
+        with self.locked() as state:
+            entry = state.get("allocations", {}).get(job_id)
+            return dict(entry["preempt"]) if entry and entry.get("preempt") \
+                else None
+
+    def note_checkpoint(self, job_id: str, at: float) -> None:
+        """The running job saved a checkpoint: less work at risk, so it is
+        a cheaper victim from now on."""
+        with self.locked() as state:
+            entry = state.get("allocations", {}).get(job_id)
+            if entry is not None:
+                entry["checkpoint_at"] = at
+
+    def overdue(self, job_id: str, grace: float,
+                now: float | None = None) -> list[Victim]:
+        """Victims ``job_id`` asked to yield more than ``grace`` seconds ago
+        whose processes still run: the preemptor kills them."""
+        now = time.time() if now is None else now
+        with self.locked() as state:
+            out = []
+            for victim_id, entry in state.get("allocations", {}).items():
+                mark = entry.get("preempt") or {}
+                if mark.get("by") == job_id \
+                        and now - float(mark["at"]) >= grace \
+                        and pid_alive(int(entry["pid"])):
+                    out.append(Victim(victim_id, int(entry["pid"]),
+                                      tuple(entry["gpus"]),
+                                      int(entry.get("priority", 0)),
+                                      int(entry.get("token") or 0),
+                                      work_at_risk(entry, now)))
+            return out
+
+    def _first_blocked(self, state: dict[str, Any], now: float) -> str | None:
+        """The most urgent waiter that the GPUs free for it cannot place."""
+        for job_id, entry in sorted(state.get("waiting", {}).items(),
+                                    key=lambda kv: grant_key(kv[1], kv[0],
+                                                             now)):
+            request = entry_request(entry)
+            try:
+                self._policies[request.policy].place(
+                    self.topology, request, free=self._free_for(state, job_id))
+            except UnsatisfiableGpuRequest:
+                return job_id
+        return None
+
+    @staticmethod
+    def _reserve_for_preemptor(state: dict[str, Any],
+                               entry: Mapping[str, Any]) -> None:
+        """A preempted job's GPUs are held for the job that preempted it
+        (while it waits), so no third job takes them first."""
+        owner = (entry.get("preempt") or {}).get("by")
+        if owner and owner in state.get("waiting", {}):
+            reserved = state.setdefault("reserved", {})
+            for gpu in entry["gpus"]:
+                reserved[str(gpu)] = owner
+
+    @staticmethod
+    def _settle(state: dict[str, Any]) -> None:
+        """Forget reservations and yield requests of jobs no longer waiting
+        (granted, gone elsewhere, dead): their victims may go on."""
+        waiting = state.get("waiting", {})
+        reserved = state.setdefault("reserved", {})
+        for gpu in [g for g, owner in reserved.items() if owner not in waiting]:
+            del reserved[gpu]
+        for entry in state.get("allocations", {}).values():
+            if (entry.get("preempt") or {}).get("by") not in (None, *waiting):
+                del entry["preempt"]
+
+    def _free_for(self, state: dict[str, Any], job_id: str) -> list[int]:
+        """GPUs nobody holds, minus those reserved for another job."""
+        allocated = self._allocated(state)
+        reserved = state.get("reserved", {})
+        return [i for i in self.topology.indices if i not in allocated
+                and reserved.get(str(i), job_id) == job_id]
 
     def _allocation(self, job_id: str, request: GpuRequest,
                     gpus: list[int]) -> Allocation:
@@ -283,8 +431,9 @@ class HostGpuLedger:
         allocations = state.setdefault("allocations", {})
         if not waiting:
             return []
-        busy = self._busy(state)
-        free = [i for i in self.topology.indices if i not in busy]
+        allocated = self._allocated(state)
+        reserved = state.setdefault("reserved", {})
+        free = [i for i in self.topology.indices if i not in allocated]
         granted: list[str] = []
         blocked_at: int | None = None
         for job_id, entry in sorted(waiting.items(),
@@ -294,9 +443,11 @@ class HostGpuLedger:
             if blocked_at is not None and level < blocked_at:
                 break
             request = entry_request(entry)
+            usable = [i for i in free
+                      if reserved.get(str(i), job_id) == job_id]
             try:
                 placement = self._policies[request.policy].place(
-                    self.topology, request, free=free)
+                    self.topology, request, free=usable)
             except UnsatisfiableGpuRequest:
                 if blocked_at is None:
                     blocked_at = level
@@ -305,34 +456,49 @@ class HostGpuLedger:
                                    "pid": entry["pid"], "at": now,
                                    "score": placement.score,
                                    "priority": entry["priority"],
+                                   "preemptible": bool(
+                                       entry.get("preemptible")),
+                                   "token": int(entry.get("token") or 0),
                                    "granted": True}
             free = [i for i in free if i not in placement.gpus]
             granted.append(job_id)
         for job_id in granted:
             del waiting[job_id]
+        if granted:
+            self._settle(state)
         return granted
 
     # -- helpers -------------------------------------------------------------
 
     @staticmethod
-    def _busy(state: dict[str, Any]) -> dict[int, str]:
+    def _allocated(state: dict[str, Any]) -> dict[int, str]:
         busy: dict[int, str] = {}
         for job_id, entry in state.get("allocations", {}).items():
             for gpu in entry["gpus"]:
                 busy[int(gpu)] = job_id
         return busy
 
-    @staticmethod
-    def _reap(state: dict[str, Any]) -> list[str]:
+    @classmethod
+    def _busy(cls, state: dict[str, Any]) -> dict[int, str]:
+        """Allocated GPUs and GPUs reserved for a preempting job: neither
+        is free for anyone else (what the router must see)."""
+        busy = {int(gpu): owner
+                for gpu, owner in state.get("reserved", {}).items()}
+        busy.update(cls._allocated(state))
+        return busy
+
+    @classmethod
+    def _reap(cls, state: dict[str, Any]) -> list[str]:
         waiting = state.setdefault("waiting", {})
         for job in [job for job, entry in waiting.items()
-                    if not _pid_alive(int(entry["pid"]))]:
+                    if not pid_alive(int(entry["pid"]))]:
             del waiting[job]
         allocations = state.setdefault("allocations", {})
         dead = [job for job, entry in allocations.items()
-                if not _pid_alive(int(entry["pid"]))]
+                if not pid_alive(int(entry["pid"]))]
         for job in dead:
             logger.warning("ares: job %s's process died; its GPUs %s are free "
                            "again", job, allocations[job]["gpus"])
-            del allocations[job]
+            cls._reserve_for_preemptor(state, allocations.pop(job))
+        cls._settle(state)
         return dead

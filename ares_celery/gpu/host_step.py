@@ -110,6 +110,7 @@ class GpuHostStep(bootsteps.StartStopStep):
             topology, self.policies)
         self.host = GpuHost(topology, queue, ledger, self.services,
                             wait_timeout=settings.gpu_wait_timeout,
+                            preempt_grace=settings.preempt_grace,
                             visible_devices=settings.cuda_visible_devices)
         self.slot.host = self.host
         logger.info("ares: GPU host %s with %d GPUs, queue %s", host,
@@ -130,7 +131,8 @@ class GpuHostStep(bootsteps.StartStopStep):
         self.publisher = InventoryPublisher(
             services.etcd, services.keys, host.topology,
             settings.lease_ttl, host.queue, worker=worker.hostname,
-            busy_source=host.ledger.busy)
+            busy_source=host.ledger.busy,
+            preemptible_source=host.ledger.preemptible)
         try:
             self.publisher.publish()
             host.ledger.update_info(lease=self.publisher.lease_id)

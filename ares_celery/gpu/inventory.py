@@ -50,12 +50,17 @@ class HostInventory:
     updated: float = 0.0
     #: Grows with every change the cache applies to this host.
     version: int = 0
+    #: Running jobs a more urgent job may preempt: job id -> its priority
+    #: (their GPUs are in ``busy``); jobs already asked to yield are left
+    #: out, and GPUs freed for a preempting job stay in ``busy``.
+    preemptible: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"host": self.host, "queue": self.queue, "worker": self.worker,
                 "gpus": len(self.topology), "free": sorted(self.free),
                 "busy": {str(k): v for k, v in sorted(self.busy.items())},
-                "running": self.running, "updated": self.updated}
+                "running": self.running, "updated": self.updated,
+                "preemptible": dict(sorted(self.preemptible.items()))}
 
 
 class InventoryPublisher:
@@ -64,7 +69,8 @@ class InventoryPublisher:
     def __init__(self, etcd: EtcdGateway, keys: Keys, topology: HostTopology,
                  lease_ttl: int, queue: str, worker: str = "",
                  busy_source: Callable[[], Mapping[int, str]] | None = None,
-                 ) -> None:
+                 preemptible_source: Callable[[], Mapping[str, int]]
+                 | None = None) -> None:
         self._etcd = etcd
         self._keys = keys
         self.topology = topology
@@ -74,6 +80,7 @@ class InventoryPublisher:
         self._lock = threading.Lock()
         self._busy: dict[int, str] = {}
         self._busy_source = busy_source
+        self._preemptible_source = preemptible_source
         self._generation = 0
         self.lease_id = 0
 
@@ -118,8 +125,11 @@ class InventoryPublisher:
         self._keeper.close()
 
     def _state(self) -> dict[str, Any]:
+        preemptible = self._preemptible_source() \
+            if self._preemptible_source is not None else {}
         return state_payload(self.topology, self._busy,
-                             {"queue": self.queue, "worker": self.worker})
+                             {"queue": self.queue, "worker": self.worker,
+                              "preemptible": preemptible})
 
 
 def state_payload(topology: HostTopology, busy: Mapping[int, str],
@@ -128,7 +138,8 @@ def state_payload(topology: HostTopology, busy: Mapping[int, str],
     free = [i for i in topology.indices if i not in busy]
     return {"free": free, "busy": {str(k): v for k, v in sorted(busy.items())},
             "queue": info.get("queue", ""), "worker": info.get("worker", ""),
-            "running": len(set(busy.values())), "updated": time.time()}
+            "running": len(set(busy.values())), "updated": time.time(),
+            "preemptible": dict(info.get("preemptible") or {})}
 
 
 def write_state(etcd: EtcdGateway, keys: Keys, topology: HostTopology,
@@ -306,4 +317,6 @@ class InventoryCache:
             busy={int(k): v for k, v in state.get("busy", {}).items()},
             queue=state.get("queue", ""), worker=state.get("worker", ""),
             running=int(state.get("running", 0)),
-            updated=float(state.get("updated", 0.0)), version=self._version)
+            updated=float(state.get("updated", 0.0)), version=self._version,
+            preemptible={str(k): int(v) for k, v in
+                         (state.get("preemptible") or {}).items()})

@@ -6,6 +6,9 @@ watch-driven cache, so the steady state costs no etcd round trip. Per
 request shape (GPU count, memory, interconnect) it remembers each host's
 best placement and recomputes it only for hosts whose inventory changed,
 which keeps a decision well under a millisecond at a thousand hosts.
+When no host has the GPUs free, a job whose priority is given waits on the
+host where preempting less urgent preemptible jobs would free a placement
+(a scan of every host, made only then), else on the best host once free.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import headers as wire
@@ -63,6 +66,12 @@ class _HostEval:
     queue: str = ""
     gpu_count: int = 0
     stamp: int = 0
+    #: Job priority -> best placement score if preemptible jobs of lower
+    #: priority yielded (None: no placement). Lives as long as this
+    #: evaluation, which is replaced whenever the host's inventory or this
+    #: router's plans on it change, so a full cluster costs one placement
+    #: per changed host, not per host, for each urgent decision.
+    preempt: dict[int, float | None] = field(default_factory=dict)
 
 
 class _ShapeIndex:
@@ -186,13 +195,20 @@ class GpuRouter:
         return self._cache
 
     def decide(self, request: GpuRequest,
-               exclude: frozenset[str] = frozenset()) -> RouteDecision:
+               exclude: frozenset[str] = frozenset(),
+               priority: int | None = None) -> RouteDecision:
+        """Where ``request`` should go: the best host with the GPUs free
+        now; else, when ``priority`` (the job's, 0-9) is given, the best
+        host where preempting lower-priority preemptible jobs would free a
+        placement; else the best host once free (the job waits there).
+        Hosts in ``exclude`` are never chosen."""
         cache = self.cache()
         with self._guard:
-            return self._decide(request, cache, exclude)
+            return self._decide(request, cache, exclude, priority)
 
     def _decide(self, request: GpuRequest, cache: InventoryCache,
-                exclude: frozenset[str]) -> RouteDecision:
+                exclude: frozenset[str],
+                priority: int | None = None) -> RouteDecision:
         now = time.monotonic()
         index = self._indexes.get(request.shape)
         if index is None:
@@ -215,6 +231,11 @@ class GpuRouter:
                                      f"best free placement on {found}")
             self._reevaluate(request, index, cache, found, now)
             return decision
+        if priority is not None:
+            preempting = self._preemption_route(request, index, cache,
+                                                exclude, priority)
+            if preempting is not None:
+                return preempting
         found = index.best(index.wait_heap, exclude)
         if found is not None:
             ev = index.evals[found]
@@ -231,6 +252,69 @@ class GpuRouter:
         raise UnsatisfiableGpuRequest(
             f"no registered GPU host can ever run {request.describe()} "
             f"({considered} host(s) considered){detail}")
+
+    def _preemption_route(self, request: GpuRequest, index: _ShapeIndex,
+                          cache: InventoryCache, exclude: frozenset[str],
+                          priority: int) -> RouteDecision | None:
+        """The host where preempting jobs less urgent than ``priority``
+        frees the best placement for ``request`` (then the lowest load), or
+        None if there is none.
+
+        Only called when no host has the GPUs free now, so it scans every
+        host (O(hosts)) instead of keeping a per-priority heap: a waiting
+        urgent job should queue where its wait ends soonest, and a host
+        whose preemptible low-priority jobs can yield ends it sooner than
+        the best-scored host full of jobs that run to completion.
+        """
+        best: tuple[float, int, str] | None = None
+        for host, ev in index.evals.items():
+            if not ev.ever_ok or host in exclude:
+                continue
+            if priority not in ev.preempt:
+                self._preemption_score(request, cache.get(host), ev, priority)
+            score = ev.preempt.get(priority)
+            if score is None:
+                continue
+            key = (-score, ev.load, host)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return None
+        host = best[2]
+        return RouteDecision(
+            host, index.evals[host].queue, (), -best[0], True,
+            f"no host has {request.describe()} free now; queued on {host}, "
+            "where preempting lower-priority preemptible jobs frees a "
+            "placement")
+
+    def _preemption_score(self, request: GpuRequest,
+                          inv: HostInventory | None, ev: _HostEval,
+                          priority: int) -> None:
+        """Record in ``ev.preempt[priority]`` the best placement score on
+        ``inv`` counting as free the free GPUs (less this router's plans)
+        and those of preemptible jobs of strictly lower priority.
+
+        GPUs already freed for another preempting job are busy under that
+        job's id and absent from ``inv.preemptible``, so they never count.
+        An inventory newer than ``ev`` (it changed after this decision's
+        refresh) is skipped and nothing is recorded: the next decision
+        re-evaluates the host.
+        """
+        if inv is None or inv.version != ev.version:
+            return
+        victims = {job for job, job_priority in inv.preemptible.items()
+                   if job_priority < priority}
+        score = None
+        if victims:
+            freed = {gpu for gpu, job in inv.busy.items() if job in victims}
+            policy = self._policies[request.policy]
+            try:
+                score = policy.place(inv.topology, request,
+                                     free=(inv.free - ev.planned) | freed
+                                     ).score
+            except UnsatisfiableGpuRequest:
+                pass
+        ev.preempt[priority] = score
 
     def _refresh(self, request: GpuRequest, index: _ShapeIndex,
                  cache: InventoryCache, now: float) -> None:

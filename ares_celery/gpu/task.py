@@ -9,15 +9,16 @@ import time
 from typing import Any, ClassVar, NoReturn
 
 from .. import headers as wire
-from ..errors import AresError, UnsatisfiableGpuRequest
+from ..errors import AresError, LeaseLost, Preempted, UnsatisfiableGpuRequest
 from ..exactly_once.context import JobContext
 from ..exactly_once.submission import Route
 from ..exactly_once.task import ExactlyOnceTask
 from ..headers import header
 from ..observability import events
-from ..observability.metrics import observe_gpu_allocation
+from ..observability.metrics import count_preemption, observe_gpu_allocation
 from .allocation import Allocation, GpusBusy
-from .host import HostSlot
+from .host import GpuHost, HostSlot
+from .preemption import Victim
 from .priority import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
@@ -33,6 +34,16 @@ logger = logging.getLogger(__name__)
 #: Old name of the header (now :data:`ares_celery.headers.REROUTES`).
 REROUTES_HEADER = wire.REROUTES
 _UNSET = object()
+
+
+def route_priority(route: dict[str, Any], default: int) -> int:
+    """The priority a route header carries, ``default`` if it carries no
+    valid one (a message routed by name, an older client)."""
+    priority = route.get("priority")
+    if isinstance(priority, bool) or not isinstance(priority, int) \
+            or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        return default
+    return priority
 
 
 def carry_priority(route: dict[str, Any],
@@ -90,7 +101,8 @@ class GpuTask(ExactlyOnceTask):
                                        "submitted": time.time()}
                 queue = options["queue"]
             else:
-                decision = self._router.decide(self.gpu_request)
+                decision = self._router.decide(self.gpu_request,
+                                               priority=priority)
                 headers[wire.ROUTE] = dict(decision.to_header(),
                                            priority=priority,
                                            submitted=time.time())
@@ -103,10 +115,7 @@ class GpuTask(ExactlyOnceTask):
         """This delivery's priority and submission time (from the route
         header; the task's own priority for a message routed by name)."""
         route = header(self.request, wire.ROUTE) or {}
-        priority = route.get("priority")
-        if isinstance(priority, bool) or not isinstance(priority, int) \
-                or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-            priority = self.gpu_priority
+        priority = route_priority(route, self.gpu_priority)
         submitted = route.get("submitted")
         if not isinstance(submitted, (int, float)):
             submitted = None
@@ -133,8 +142,11 @@ class GpuTask(ExactlyOnceTask):
         started = time.monotonic()
         priority, submitted = self._job_priority()
         try:
-            allocation = gpu.allocate(ctx.job_id, request, priority,
-                                      submitted)
+            allocation = gpu.allocate(
+                ctx.job_id, request, priority, submitted,
+                preemptible=self.preemptible, token=ctx.fencing_token,
+                report=lambda victims, outcome: self._report_victims(
+                    ctx, victims, outcome))
         except UnsatisfiableGpuRequest as exc:
             self._reroute(ctx, str(exc), exclude_self=True)
         except GpusBusy as exc:
@@ -144,6 +156,43 @@ class GpuTask(ExactlyOnceTask):
                        gpu.visible_devices(allocation))
         observe_gpu_allocation(waited, priority)
         events.placed(self, ctx, allocation, gpu.queue, waited, priority)
+        if self.preemptible:
+            self._listen_for_preemption(ctx, gpu)
+
+    @staticmethod
+    def _listen_for_preemption(ctx: JobContext, gpu: GpuHost) -> None:
+        """Let ``ctx.check()`` see a request to yield, and tell the host
+        when a checkpoint makes this job cheaper to stop."""
+        ctx.preempt_probe = gpu.preempt_probe(ctx.job_id)
+        ctx.checkpoints.listen(
+            lambda saved: gpu.ledger.note_checkpoint(ctx.job_id, saved.at))
+
+    def _report_victims(self, ctx: JobContext, victims: list[Victim],
+                        outcome: str) -> None:
+        """This job preempted ``victims`` (or killed them after the grace):
+        events on the victims' task pages, and metrics."""
+        grace = getattr(self._gpu_slot.host, "preempt_grace", None)
+        for victim in victims:
+            count_preemption(outcome, victim.lost_gpu_seconds
+                             if outcome == "requested" else 0.0)
+            events.preempted(self, victim.job_id, outcome, ctx.job_id,
+                             grace=grace,
+                             lost_gpu_seconds=victim.lost_gpu_seconds,
+                             gpus=list(victim.gpus))
+
+    def _body_stopped(self, ctx: JobContext, exc: LeaseLost) -> NoReturn:
+        """A preempted job yields: the requeued copy goes where the router
+        says (it keeps its priority and place in line) and resumes from its
+        last checkpoint; the GPUs go to the preemptor when the run ends."""
+        if not isinstance(exc, Preempted):
+            super()._body_stopped(ctx, exc)
+        request = ctx.preempt_probe() if ctx.preempt_probe else None
+        by = (request or {}).get("by", "?")
+        count_preemption("yielded")
+        events.preempted(self, ctx.job_id, "yielded", by)
+        logger.info("ares: job %s yields its GPUs %s to job %s", ctx.job_id,
+                    ctx.gpus, by)
+        self._reroute(ctx, f"preempted by job {by}", exclude_self=False)
 
     @staticmethod
     def _use_gpus(ctx: JobContext, allocation: Allocation, host: str,
@@ -171,15 +220,18 @@ class GpuTask(ExactlyOnceTask):
         routed to is left out unless no other host can take it (then it was
         only the pool process that hung, and its host still serves)."""
         headers = (message.get("options") or {}).get("headers") or {}
-        before = (headers.get(wire.ROUTE) or {}).get("host")
+        route = headers.get(wire.ROUTE) or {}
+        before = route.get("host")
+        priority = route_priority(route, self.gpu_priority)
         exclude = frozenset([before]) if before else frozenset()
         try:
-            decision = self._worker_router.decide(self.gpu_request,
-                                                  exclude=exclude)
+            decision = self._worker_router.decide(
+                self.gpu_request, exclude=exclude, priority=priority)
         except AresError:
             if not exclude:
                 raise
-            decision = self._worker_router.decide(self.gpu_request)
+            decision = self._worker_router.decide(self.gpu_request,
+                                                  priority=priority)
         reroutes = int(headers.get(wire.REROUTES) or 0)
         return decision.queue, {
             wire.ROUTE: carry_priority(decision.to_header(),
@@ -203,8 +255,9 @@ class GpuTask(ExactlyOnceTask):
             else frozenset()
         reroutes = int(header(self.request, wire.REROUTES) or 0)
         try:
-            decision = self._worker_router.decide(self.gpu_request,
-                                                  exclude=exclude)
+            decision = self._worker_router.decide(
+                self.gpu_request, exclude=exclude,
+                priority=self._job_priority()[0])
         except AresError as exc:
             # Nowhere better right now: retry here later, with back-off.
             self._runtime.defer(self, f"{why}; {exc}")

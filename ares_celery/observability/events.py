@@ -7,8 +7,10 @@ every field here starts with ``ares_`` to never shadow one of Celery's own
 ``task-ares-*``: ``lease`` (the job's lock was taken; fencing token),
 ``placement`` (GPUs allocated), ``deferred`` (the job cannot run now and
 was re-published), ``skipped`` (already committed, not run again) and
-``commit`` (the result was accepted or fenced) and ``checkpoint`` (the
-job saved a checkpoint: its time, size and token). See docs/metrics.md.
+``commit`` (the result was accepted or fenced), ``checkpoint`` (the
+job saved a checkpoint: its time, size and token) and ``preempted`` (a
+more urgent job asked this one to yield its GPUs; then whether it yielded
+or was killed after the grace). See docs/metrics.md.
 
 Sending costs one broker publish, so it happens only while the worker
 sends task events (``-E``, ``worker_send_task_events``, or Flower's
@@ -36,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "task-ares-"
 EVENT_TYPES = tuple(PREFIX + kind for kind in (
-    "lease", "placement", "deferred", "skipped", "commit", "checkpoint"))
+    "lease", "placement", "deferred", "skipped", "commit", "checkpoint",
+    "preempted"))
 
 
 class EventSwitch:
@@ -119,6 +122,35 @@ def checkpointed(task: Task, checkpoint: Checkpoint) -> None:
     emit(task, "checkpoint", ares_checkpoint_at=round(checkpoint.at, 3),
          ares_checkpoint_size=checkpoint.size,
          ares_checkpoint_token=checkpoint.token)
+
+
+def preempted(task: Task, job_id: str, outcome: str, by: str,
+              grace: float | None = None,
+              lost_gpu_seconds: float | None = None,
+              gpus: list[int] | None = None) -> None:
+    """``task-ares-preempted`` for job ``job_id``: sent by the preempting
+    job for its victims (``requested``, ``killed``: the victim may be deaf)
+    and by a victim that stopped (``yielded``)."""
+    if not SWITCH.on:
+        return
+    fields: dict[str, Any] = {"ares_preempt": outcome,
+                              "ares_preempted_by": by}
+    if grace is not None:
+        fields["ares_preempt_grace_s"] = grace
+    if lost_gpu_seconds is not None:
+        fields["ares_gpu_seconds_lost"] = round(lost_gpu_seconds, 3)
+    if gpus is not None:
+        fields["ares_gpus"] = gpus
+    if job_id == getattr(task.request, "id", None):
+        emit(task, "preempted", **fields)
+        return
+    try:
+        with task.app.events.default_dispatcher(
+                hostname=task.request.hostname) as dispatcher:
+            dispatcher.send(PREFIX + "preempted", uuid=job_id, retry=False,
+                            **fields)
+    except Exception as exc:  # noqa: BLE001 - events are best effort
+        logger.debug("ares: event %spreempted not sent: %s", PREFIX, exc)
 
 
 def committed(task_id: str, outcome: str, token: int,

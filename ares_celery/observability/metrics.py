@@ -34,6 +34,9 @@ CHECKPOINT_OUTCOMES = ("saved", "fenced")
 #: Where a recovered job's message came from: its lock (it was running) or
 #: a worker's reservation (prefetched or waiting for its ETA).
 RECOVERY_SOURCES = ("lock", "reserved")
+#: requested: a running job was asked to yield its GPUs; yielded: it
+#: stopped by itself (``Preempted``); killed: its grace ran out.
+PREEMPTION_OUTCOMES = ("requested", "yielded", "killed")
 #: GPU waits range from "free at once" to "queued behind a training run".
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                 60, 120, 300, 600)
@@ -95,6 +98,16 @@ class AresMetrics:
             "Jobs re-dispatched by the recoverer after their holder's or "
             "their reserving worker's lease expired", ["source"],
             registry=registry)
+        self.preemptions = Counter(
+            "ares_preemptions_total",
+            "Running preemptible GPU jobs asked to yield to a more urgent "
+            "job, and how each ended (yielded, or killed after the grace)",
+            ["outcome"], registry=registry)
+        self.preempted_gpu_seconds = Counter(
+            "ares_preempted_gpu_seconds_total",
+            "GPU-seconds of work preempted jobs had done since their last "
+            "checkpoint when asked to yield (what their resume redoes)",
+            registry=registry)
         self.gpus_busy = Gauge(
             "ares_gpus_busy", "GPUs allocated to running jobs, per host",
             ["host"], multiprocess_mode="mostrecent", registry=registry)
@@ -103,7 +116,8 @@ class AresMetrics:
                                   (self.job_locks, LOCK_OUTCOMES),
                                   (self.commits, COMMIT_OUTCOMES),
                                   (self.checkpoints, CHECKPOINT_OUTCOMES),
-                                  (self.recoveries, RECOVERY_SOURCES)):
+                                  (self.recoveries, RECOVERY_SOURCES),
+                                  (self.preemptions, PREEMPTION_OUTCOMES)):
             for outcome in outcomes:
                 counter.labels(outcome)
 
@@ -112,7 +126,8 @@ class AresMetrics:
                        self.job_locks, self.commits, self.checkpoints,
                        self.gpu_wait, self.gpu_wait_by_priority,
                        self.gpu_allocations, self.gpus_busy, self.attempts,
-                       self.attempts_exhausted, self.recoveries):
+                       self.attempts_exhausted, self.recoveries,
+                       self.preemptions, self.preempted_gpu_seconds):
             try:
                 self.registry.unregister(metric)
             except KeyError:
@@ -204,6 +219,14 @@ def observe_gpu_allocation(wait_seconds: float,
     if priority is not None:
         m.gpu_wait_by_priority.labels(str(priority)).observe(wait_seconds)
     m.gpu_allocations.inc()
+
+
+@_never_raises
+def count_preemption(outcome: str, lost_gpu_seconds: float = 0.0) -> None:
+    m = metrics()
+    m.preemptions.labels(outcome).inc()
+    if lost_gpu_seconds > 0:
+        m.preempted_gpu_seconds.inc(lost_gpu_seconds)
 
 
 @_never_raises

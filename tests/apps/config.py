@@ -29,6 +29,9 @@ def make_app(name: str = "jobs", **overrides) -> tuple[Celery, Ares]:
         # One GPU ledger dir per test session: two sessions on one machine
         # must not share the files of their same-named mock hosts.
         ares_gpu_state_dir=os.environ.get("ARES_TEST_STATE_DIR"),
+        # The preemption tests are about this timer; they set it.
+        ares_preempt_grace=float(
+            os.environ.get("ARES_TEST_PREEMPT_GRACE", "30")),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )

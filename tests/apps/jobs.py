@@ -15,7 +15,7 @@ import time
 
 import redis
 
-from ares_celery.errors import LeaseLost
+from ares_celery.errors import LeaseLost, Preempted
 from tests.apps.config import make_app
 from tests.records import executions_key
 
@@ -239,3 +239,43 @@ def steps(self, total, every, hang_at=None, retry_at=None, bad_state=None):
                 raise
     return {"start": state["step"], "token": ctx.fencing_token,
             "attempt": ctx.attempt, "retries": self.request.retries}
+
+
+def _train(total, every, step_s=0.1, deaf=False):
+    """A GPU training loop (the long-GPU-jobs docs' pattern): resumes from
+    its last checkpoint, records each step it executes, checkpoints every
+    ``every`` steps and calls ``ctx.check()`` before each step, so a
+    preemption stops it there. ``deaf`` never checks and ignores the
+    ``Preempted`` its checkpoints raise: it has to be killed."""
+    ctx = ares.current()
+    state = ctx.last_checkpoint or {"step": 0}
+    _store.rpush(f"test:started:{ctx.job_id}", json.dumps(
+        {"pid": os.getpid(), "token": ctx.fencing_token, "gpus": ctx.gpus,
+         "attempt": ctx.attempt, "from": state["step"], "at": time.time()}))
+    try:
+        for step in range(state["step"], total):
+            if not deaf:
+                ctx.check()
+            _store.rpush(f"test:steps:{ctx.job_id}", step)
+            time.sleep(step_s)
+            if (step + 1) % every == 0:
+                try:
+                    ctx.checkpoint({"step": step + 1})
+                except Preempted:
+                    if not deaf:
+                        raise
+    except LeaseLost as exc:
+        _store.rpush(f"test:stopped:{ctx.job_id}", json.dumps(
+            {"step": step, "error": type(exc).__name__,
+             "requested": ctx.preempt_requested}))
+        raise
+    _store.rpush("test:train-done", ctx.job_id)
+    return {"start": state["step"], "attempt": ctx.attempt,
+            "gpus": ctx.gpus, "token": ctx.fencing_token}
+
+
+train4 = ares.gpu_task(name="jobs.train4", gpus=4, priority=1,
+                       preemptible=True)(_train)
+train4_pinned = ares.gpu_task(name="jobs.train4_pinned", gpus=4,
+                              priority=1)(_train)
+train8 = ares.gpu_task(name="jobs.train8", gpus=8, priority=8)(_train)

@@ -12,9 +12,6 @@ from celery import Celery
 
 from ares_celery import Ares, AresError, ConfigurationError
 from ares_celery.gpu import priority as prio
-from ares_celery.gpu.allocation import HostGpuLedger
-from ares_celery.gpu.mock_topologies import mock_topology
-from ares_celery.gpu.policies import POLICIES
 from ares_celery.gpu.request import GpuRequest
 from ares_celery.gpu.routing import RouteDecision
 
@@ -103,13 +100,18 @@ def test_broker_priority_direction(url, sent):
 
 
 class _Router:
-    def decide(self, request, exclude=frozenset()):
+    def __init__(self):
+        self.priorities = []
+
+    def decide(self, request, exclude=frozenset(), priority=None):
+        self.priorities.append(priority)
         return RouteDecision("h1", "ares.gpu.h1", (0,), 1.0, False, "test")
 
 
 def test_route_carries_priority_and_translates_for_redis(ares, monkeypatch):
     train = ares.gpu_task(gpus=1, priority=2, name="t.route")(body)
-    monkeypatch.setattr(train, "_router", _Router())
+    router = _Router()
+    monkeypatch.setattr(train, "_router", router)
     before = time.time()
     options = train._route_for({})({})
     route = options["headers"]["ares_route"]
@@ -124,17 +126,12 @@ def test_route_carries_priority_and_translates_for_redis(ares, monkeypatch):
         {"queue": "mine", "priority": 6})
     assert chosen["queue"] == "mine"
     assert chosen["headers"]["ares_route"]["priority"] == 6
+    # The router judged preemption with the job's priority, not the
+    # broker's number.
+    assert router.priorities == [2, 8]
 
 
 # -- the ledger's grant order -------------------------------------------------------
-
-
-@pytest.fixture()
-def ledger(tmp_path):
-    topo = mock_topology("dgx-a100", host="h1")
-    book = HostGpuLedger(tmp_path / "ledger.json", topo, POLICIES)
-    book.reset(host="h1", queue="q", worker="w", lease=0)
-    return book
 
 
 def _hold_all(ledger, job="holder"):

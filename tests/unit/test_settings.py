@@ -124,6 +124,7 @@ WRONG = {
     "ares_lease_retry_max_delay": "30",
     "ares_redis_max_connections": "16",
     "ares_gpu_wait_timeout": "60",
+    "ares_preempt_grace": -1,
     "ares_gpu_state_dir": 42,
     "ares_cuda_visible_devices": 0,
     "ares_metrics_port": 99999,
