@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -349,23 +350,33 @@ class HostGpuLedger:
             if entry is not None:
                 entry["checkpoint_at"] = at
 
-    def overdue(self, job_id: str, grace: float,
-                now: float | None = None) -> list[Victim]:
-        """Victims ``job_id`` asked to yield more than ``grace`` seconds ago
-        whose processes still run: the preemptor kills them."""
+    def kill_overdue(self, job_id: str, grace: float,
+                     now: float | None = None) -> list[Victim]:
+        """SIGKILL the processes of victims ``job_id`` asked to yield more
+        than ``grace`` seconds ago and that still run; returns them.
+
+        The signal is sent under the ledger's lock, with the victim's
+        allocation still recorded for that pid: a victim releases its GPUs
+        (under this lock) only when its job ends, so the process killed is
+        still running the victim, never a job it took on afterwards."""
         now = time.time() if now is None else now
         with self.locked() as state:
             out = []
             for victim_id, entry in state.get("allocations", {}).items():
                 mark = entry.get("preempt") or {}
-                if mark.get("by") == job_id \
-                        and now - float(mark["at"]) >= grace \
-                        and pid_alive(int(entry["pid"])):
-                    out.append(Victim(victim_id, int(entry["pid"]),
-                                      tuple(entry["gpus"]),
-                                      int(entry.get("priority", 0)),
-                                      int(entry.get("token") or 0),
-                                      work_at_risk(entry, now)))
+                if mark.get("by") != job_id \
+                        or now - float(mark["at"]) < grace \
+                        or not pid_alive(int(entry["pid"])):
+                    continue
+                try:
+                    os.kill(int(entry["pid"]), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                out.append(Victim(victim_id, int(entry["pid"]),
+                                  tuple(entry["gpus"]),
+                                  int(entry.get("priority", 0)),
+                                  int(entry.get("token") or 0),
+                                  work_at_risk(entry, now)))
             return out
 
     def _first_blocked(self, state: dict[str, Any], now: float) -> str | None:

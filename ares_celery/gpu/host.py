@@ -11,8 +11,6 @@ place.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -102,9 +100,9 @@ class GpuHost:
                 self.publish()         # the victims are no longer offered
                 if report is not None:
                     report(victims, "requested")
-            overdue = self.ledger.overdue(job_id, self._grace)
+            overdue = self.ledger.kill_overdue(job_id, self._grace)
             for victim in overdue:
-                self._kill(victim)
+                self._hand_back(victim)
             if overdue:
                 self.ledger.reap_dead()
                 self.publish()
@@ -113,19 +111,15 @@ class GpuHost:
             return until[0] if until else None
         return poll
 
-    def _kill(self, victim: Victim) -> None:
-        """End a victim that ignored its request to yield: SIGKILL its pool
-        process (Celery requeues the message: ``reject_on_worker_lost``),
-        then give its job lock back as a deliberate release, so the
-        requeued run starts at once and is not counted as a failed
-        attempt. The process is gone first: no zombie can commit."""
-        logger.warning("ares: job %s did not yield within %gs; killing its "
+    def _hand_back(self, victim: Victim) -> None:
+        """After the SIGKILL of a victim that ignored its request to yield
+        (Celery requeues its message: ``reject_on_worker_lost``): once its
+        process is gone, give its job lock back as a deliberate release, so
+        the requeued run starts at once and is not counted as a failed
+        attempt. No zombie can commit: the process is dead first."""
+        logger.warning("ares: job %s did not yield within %gs; killed its "
                        "pool process %d", victim.job_id, self._grace,
                        victim.pid)
-        try:
-            os.kill(victim.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + 10.0
         while pid_alive(victim.pid) and time.monotonic() < deadline:
             time.sleep(0.02)

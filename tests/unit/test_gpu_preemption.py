@@ -5,6 +5,8 @@ grace is measured. Real ledger files; every job here runs in this process
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -85,14 +87,21 @@ def test_only_the_most_urgent_blocked_waiter_preempts(ledger):
     assert [v.job_id for v in ledger.preempt_for("urgent")] == ["victim"]
 
 
-def test_overdue_after_the_grace_only(ledger):
+def test_only_victims_past_the_grace_are_killed(ledger, monkeypatch):
+    killed = []
+    # Liveness probes (signal 0) pass; the SIGKILL is recorded, not sent.
+    monkeypatch.setattr("ares_celery.gpu.allocation.os.kill",
+                        lambda pid, sig: sig and killed.append((pid, sig)))
     _run(ledger, "victim", 8, 1, token=5)
     assert ledger.try_allocate("urgent", GpuRequest(8), 9) is None
     now = time.time()
     ledger.preempt_for("urgent", now=now)
-    assert ledger.overdue("urgent", 30, now=now + 29) == []
-    (late,) = ledger.overdue("urgent", 30, now=now + 30)
+    assert ledger.kill_overdue("urgent", 30, now=now + 29) == []
+    assert ledger.kill_overdue("other", 30, now=now + 30) == []
+    assert killed == []
+    (late,) = ledger.kill_overdue("urgent", 30, now=now + 30)
     assert (late.job_id, late.token) == ("victim", 5)
+    assert killed == [(os.getpid(), signal.SIGKILL)]
 
 
 def test_a_preemptor_that_gives_up_lets_its_victims_go_on(ledger):
