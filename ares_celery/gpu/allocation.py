@@ -291,15 +291,25 @@ class HostGpuLedger:
             return dict(state.get("waiting", {}))
 
     def release(self, job_id: str) -> bool:
-        """Give the job's GPUs back and hand them to the waiting jobs that
-        rank first, in the same locked step: no job that arrives (or polls)
-        later can take GPUs a more urgent waiter was owed."""
+        """Give back the GPUs this process holds for the job and hand them
+        to the waiting jobs that rank first, in the same locked step: no job
+        that arrives (or polls) later can take GPUs a more urgent waiter was
+        owed.
+
+        Only the holder's own allocation is released: another delivery of
+        the same job (a recovered or deferred copy that found the job's lock
+        held, in another pool process) also ends in ``_finish_job``, and
+        must not free the GPUs of the copy that is running. A holder that
+        dies is reaped by pid instead."""
         with self.locked() as state:
-            entry = state.setdefault("allocations", {}).pop(job_id, None)
-            if entry is not None:
-                self._reserve_for_preemptor(state, entry)
-                self._grant(state, time.time())
-            return entry is not None
+            allocations = state.setdefault("allocations", {})
+            entry = allocations.get(job_id)
+            if entry is None or int(entry["pid"]) != os.getpid():
+                return False
+            del allocations[job_id]
+            self._reserve_for_preemptor(state, entry)
+            self._grant(state, time.time())
+            return True
 
     # -- preemption ------------------------------------------------------------
 

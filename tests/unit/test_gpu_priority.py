@@ -5,6 +5,7 @@ low-priority job through)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -230,3 +231,28 @@ def test_giving_up_leaves_the_line(ledger):
     assert ledger.try_allocate("patient", GpuRequest(8), 0) is None
     ledger.release("holder")
     assert set(ledger.busy().values()) == {"patient"}
+
+
+def test_only_the_holding_process_releases_a_jobs_gpus(ledger):
+    """A duplicate delivery of a running job (a recovered or deferred copy
+    that found its lock held) ends in another pool process; its cleanup
+    must not free the running copy's GPUs, or two jobs share them."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                       # the pool process running the job
+        try:
+            ledger.allocate("job-1", GpuRequest(2), timeout=5)
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        os.read(ready_r, 1)
+        assert set(ledger.busy().values()) == {"job-1"}
+        assert ledger.release("job-1") is False
+        assert set(ledger.busy().values()) == {"job-1"}
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+    assert ledger.busy() == {}                 # the dead holder is reaped
