@@ -22,9 +22,11 @@ from celery import Celery
 from celery.contrib.migrate import move
 from kombu import Connection, Exchange, Queue
 
+from .. import headers as wire
 from ..errors import AresError
 from ..services import Services
 from .inventory import InventoryCache
+from .priority import route_priority
 from .routing import GpuRouter
 
 logger = logging.getLogger(__name__)
@@ -117,9 +119,11 @@ class DeadHostJanitor:
             if request is None:
                 name = app.conf.task_default_queue
                 return Queue(name, Exchange(name), name)
+            route = (message.headers or {}).get(wire.ROUTE) or {}
             try:
                 decision = self._router.decide(
-                    request, exclude=frozenset([dead_host]))
+                    request, exclude=frozenset([dead_host]),
+                    priority=route_priority(route, task.gpu_priority))
             except AresError as exc:
                 logger.warning("ares: cannot re-route job %s yet: %s",
                                (message.headers or {}).get("id"), exc)

@@ -20,6 +20,7 @@ translates, so "higher is more urgent" holds on both.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -56,6 +57,16 @@ def validate_preemptible(value: Any) -> bool:
         raise ConfigurationError(
             f"preemptible must be True or False, got {value!r}")
     return value
+
+
+def route_priority(route: Mapping[str, Any], default: int) -> int:
+    """The priority a route header carries, ``default`` if it carries no
+    valid one (a message routed by name, an older client)."""
+    priority = route.get("priority")
+    if isinstance(priority, bool) or not isinstance(priority, int) \
+            or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        return default
+    return priority
 
 
 def effective_priority(priority: int, waited_s: float,

@@ -21,9 +21,8 @@ from .host import GpuHost, HostSlot
 from .preemption import Victim
 from .priority import (
     DEFAULT_PRIORITY,
-    MAX_PRIORITY,
-    MIN_PRIORITY,
     broker_priority,
+    route_priority,
     validate_priority,
 )
 from .request import GpuRequest
@@ -34,16 +33,6 @@ logger = logging.getLogger(__name__)
 #: Old name of the header (now :data:`ares_celery.headers.REROUTES`).
 REROUTES_HEADER = wire.REROUTES
 _UNSET = object()
-
-
-def route_priority(route: dict[str, Any], default: int) -> int:
-    """The priority a route header carries, ``default`` if it carries no
-    valid one (a message routed by name, an older client)."""
-    priority = route.get("priority")
-    if isinstance(priority, bool) or not isinstance(priority, int) \
-            or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        return default
-    return priority
 
 
 def carry_priority(route: dict[str, Any],
