@@ -256,12 +256,14 @@ class HostGpuLedger:
                     if on_change is not None:
                         on_change()
                     return granted
+                if on_poll is not None:
+                    # First: a preemption started now extends the wait,
+                    # even with a wait bound of 0.
+                    deadline = max(deadline, on_poll() or deadline)
                 if time.monotonic() >= deadline:
                     raise GpusBusy(
                         f"{request.describe()} not free on host "
                         f"{self.topology.host} within {timeout:g}s")
-                if on_poll is not None:
-                    deadline = max(deadline, on_poll() or deadline)
                 time.sleep(pause)
                 pause = min(pause * 1.5, 0.5)
         finally:

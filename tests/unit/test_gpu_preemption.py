@@ -163,3 +163,56 @@ def test_check_raises_preempted_a_lease_lost():
     with pytest.raises(Preempted, match="preempted by job urgent") as exc:
         ctx.check()
     assert isinstance(exc.value, LeaseLost)
+
+
+class _Locks:
+    def __init__(self):
+        self.released = []
+
+    def release(self, job_id, token):
+        self.released.append((job_id, token))
+        return True
+
+
+def test_a_deaf_victim_is_killed_after_the_grace_and_its_lock_handed_back(
+        ledger):
+    """The preempting job's own wait (bound 0: try once) lasts the grace:
+    the victim, in another process, ignores the request and is SIGKILLed,
+    its lock released as a deliberate hand-back (not a lost attempt), and
+    its GPUs go to the preemptor."""
+    from types import SimpleNamespace
+
+    from ares_celery.gpu.host import GpuHost
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                       # the victim's pool process: deaf
+        try:
+            ledger.try_allocate("victim", GpuRequest(8), 1,
+                                preemptible=True, token=42)
+            os.write(ready_w, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    locks = _Locks()
+    services = SimpleNamespace(etcd=None, keys=None, locks=locks)
+    host = GpuHost(ledger.topology, "q", ledger, services, wait_timeout=0,
+                   preempt_grace=0.3)
+    reports = []
+    try:
+        os.read(ready_r, 1)
+        started = time.monotonic()
+        got = host.allocate("urgent", GpuRequest(8), priority=9,
+                            report=lambda v, o: reports.append(
+                                (o, [x.job_id for x in v])))
+        assert time.monotonic() - started >= 0.3
+        assert sorted(got.gpus) == list(range(8))
+        assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert reports == [("requested", ["victim"]), ("killed", ["victim"])]
+    assert locks.released == [("victim", 42)]
