@@ -216,3 +216,22 @@ def test_a_deaf_victim_is_killed_after_the_grace_and_its_lock_handed_back(
             pass
     assert reports == [("requested", ["victim"]), ("killed", ["victim"])]
     assert locks.released == [("victim", 42)]
+
+
+def test_preemption_metrics():
+    from prometheus_client import REGISTRY
+
+    from ares_celery.observability.metrics import count_preemption
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (value("ares_preemptions_total", outcome="requested"),
+              value("ares_preemptions_total", outcome="killed"),
+              value("ares_preempted_gpu_seconds_total"))
+    count_preemption("requested", 12.5)
+    count_preemption("killed")
+    assert (value("ares_preemptions_total", outcome="requested"),
+            value("ares_preemptions_total", outcome="killed"),
+            value("ares_preempted_gpu_seconds_total")) == \
+        (before[0] + 1, before[1] + 1, before[2] + 12.5)
