@@ -99,4 +99,7 @@ class RecoveryStep(bootsteps.StartStopStep):
             self.recoverer.stop()
             self.recoverer = None
 
-    shutdown = stop
+    # A cold shutdown (``Blueprint.stop(terminate=True)``: SIGQUIT, a
+    # second SIGTERM, an embedded worker such as Celery's test worker)
+    # calls ``terminate``, which StartStopStep maps to ``self.obj`` only.
+    shutdown = terminate = stop

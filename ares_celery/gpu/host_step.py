@@ -210,3 +210,8 @@ class GpuHostStep(bootsteps.StartStopStep):
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)
+
+    # A cold shutdown (``Blueprint.stop(terminate=True)``: SIGQUIT, a
+    # second SIGTERM, an embedded worker such as Celery's test worker)
+    # calls ``terminate``, which StartStopStep maps to ``self.obj`` only.
+    terminate = shutdown

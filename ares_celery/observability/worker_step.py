@@ -83,4 +83,7 @@ class ObservabilityStep(bootsteps.StartStopStep):
         if self.server is not None:
             self.server.stop()  # idempotent: shutdown may follow stop
 
-    shutdown = stop
+    # A cold shutdown (``Blueprint.stop(terminate=True)``: SIGQUIT, a
+    # second SIGTERM, an embedded worker such as Celery's test worker)
+    # calls ``terminate``, which StartStopStep maps to ``self.obj`` only.
+    shutdown = terminate = stop

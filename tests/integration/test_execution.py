@@ -140,3 +140,29 @@ def test_fifty_concurrent_duplicates_execute_once(jobs, worker, store, broker):
     assert all(r.get(timeout=5) == value for r in results[:5])
     assert len(executions(store, results[0].id)) == 1
     assert broker.queue_length("celery") == 0
+
+
+def test_cold_shutdown_stops_the_recoverer(jobs, etcd):
+    """Celery's embedded test worker ends with a cold shutdown
+    (``Blueprint.stop(terminate=True)``); the ares steps must stop then
+    too. A recoverer left running in this process kept the election and,
+    for the app of the other broker, re-dispatched jobs there."""
+    import os
+    import threading
+
+    from celery.contrib.testing.worker import start_worker
+
+    def recoverers():
+        return sum(t.name == "ares-recoverer" for t in threading.enumerate())
+
+    def leader():
+        kv = etcd.get(KEYS.election("recoverer"))
+        return kv and json.loads(kv.value)
+
+    before = recoverers()
+    with start_worker(jobs.app, pool="threads", concurrency=1,
+                      perform_ping_check=False, shutdown_timeout=20):
+        assert wait_for(leader, 10, "the worker to lead")["pid"] == os.getpid()
+        assert recoverers() == before + 1
+    wait_for(lambda: recoverers() == before, 10, "the recoverer to stop")
+    assert leader() is None
