@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 
 from ..clients.etcd import (
@@ -53,8 +54,12 @@ class Election:
         self._grant: LeaseGrant | None = None
         self._token = 0
         self._leading = False
+        # The nonce tells apart two candidates on one lease (two workers of
+        # one app embedded in one process): the lease alone is not an
+        # identity, or both would believe they lead.
         self._identity = json.dumps({"host": socket.gethostname(),
-                                     "pid": os.getpid()})
+                                     "pid": os.getpid(),
+                                     "nonce": uuid.uuid4().hex})
         self._watch = PrefixWatch(etcd, key, self._snapshot, self._events,
                                   name="ares-election")
 
@@ -85,7 +90,8 @@ class Election:
             ranges = result.ranges()
             kv = ranges[0][0] if ranges and ranges[0] else None
             # Our own key (a campaign whose reply we lost) counts as ours.
-            ours = kv is not None and kv.lease == grant.lease_id
+            ours = kv is not None and kv.lease == grant.lease_id \
+                and kv.value == self._identity.encode()
             self._set(ours, grant if ours else None,
                       kv.create_revision if ours else 0)
         return self.leading

@@ -132,3 +132,30 @@ def test_only_the_txn_that_creates_the_job_record_is_a_first_holder(etcd):
         assert late.status == "acquired" and late.first
     finally:
         keeper.close()
+
+
+def test_two_candidates_on_one_lease_do_not_both_lead(etcd):
+    """Two recoverers of one app in one process share the app's session
+    lease: only the one whose key it is leads."""
+    from ares_celery.coordination.election import Election
+
+    keeper = Session(etcd, 30)
+    key = KEYS.election("one-lease")
+    changes = []
+    first = Election(etcd, keeper, key, lambda leading: changes.append(
+        ("first", leading)))
+    second = Election(etcd, keeper, key, lambda leading: changes.append(
+        ("second", leading)))
+    try:
+        assert first.campaign() is True
+        assert second.campaign() is False
+        assert (first.leading, second.leading) == (True, False)
+        # A lost campaign reply still counts as ours for the real owner.
+        assert first.campaign() is True
+        first.resign()
+        assert second.campaign() is True
+        assert changes == [("first", True), ("first", False),
+                           ("second", True)]
+    finally:
+        second.resign()
+        keeper.close()
