@@ -241,7 +241,7 @@ class JobCheckpoints:
         self.token = token
         self._open = store
         self._store: CheckpointStore | None = None
-        self._on_saved = on_saved
+        self._listeners = [on_saved] if on_saved is not None else []
         self._latest: Checkpoint | None = None
         self._loaded = False
         #: A checkpoint of this job may be stored (an earlier run may have
@@ -256,13 +256,7 @@ class JobCheckpoints:
     def listen(self, on_saved: Callable[[Checkpoint], None]) -> None:
         """Also call ``on_saved`` after every save (the GPU host notes the
         time: work since then is what a preemption would lose)."""
-        before = self._on_saved
-
-        def both(saved: Checkpoint) -> None:
-            if before is not None:
-                before(saved)
-            on_saved(saved)
-        self._on_saved = both
+        self._listeners.append(on_saved)
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint, read from the store on first use."""
@@ -288,8 +282,8 @@ class JobCheckpoints:
                            size=len(text.encode()))
         self._latest, self._loaded = saved, True
         count_checkpoint("saved")
-        if self._on_saved is not None:
-            self._on_saved(saved)
+        for listener in self._listeners:
+            listener(saved)
         return saved
 
     def discard(self) -> None:

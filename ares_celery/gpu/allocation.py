@@ -23,7 +23,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import AresError, UnsatisfiableGpuRequest
 from .model import HostTopology
 from .placement import Placement, PlacementPolicy
-from .preemption import Victim, candidates, choose_victims, work_at_risk
+from .preemption import Victim, candidates, choose_victims, victim_from
 from .priority import DEFAULT_PRIORITY, effective_priority
 from .request import GpuRequest
 
@@ -111,6 +111,20 @@ def grant_key(entry: Mapping[str, Any], job_id: str,
     here; the job id makes the order total."""
     return (-entry_priority(entry, now), float(entry["submitted"]),
             float(entry.get("since", 0.0)), job_id)
+
+
+def in_grant_order(waiting: Mapping[str, Mapping[str, Any]], now: float
+                   ) -> list[tuple[str, Mapping[str, Any]]]:
+    """Waiting jobs, the one owed GPUs first (see :func:`grant_key`)."""
+    return sorted(waiting.items(),
+                  key=lambda kv: grant_key(kv[1], kv[0], now))
+
+
+def usable_by(job_id: str, gpus: Iterable[int],
+              reserved: Mapping[str, str]) -> list[int]:
+    """Of ``gpus``, those ``job_id`` may take: not reserved for another
+    (preempting) job."""
+    return [i for i in gpus if reserved.get(str(i), job_id) == job_id]
 
 
 class HostGpuLedger:
@@ -384,18 +398,12 @@ class HostGpuLedger:
                     os.kill(int(entry["pid"]), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                out.append(Victim(victim_id, int(entry["pid"]),
-                                  tuple(entry["gpus"]),
-                                  int(entry.get("priority", 0)),
-                                  int(entry.get("token") or 0),
-                                  work_at_risk(entry, now)))
+                out.append(victim_from(victim_id, entry, now))
             return out
 
     def _first_blocked(self, state: dict[str, Any], now: float) -> str | None:
         """The most urgent waiter that the GPUs free for it cannot place."""
-        for job_id, entry in sorted(state.get("waiting", {}).items(),
-                                    key=lambda kv: grant_key(kv[1], kv[0],
-                                                             now)):
+        for job_id, entry in in_grant_order(state.get("waiting", {}), now):
             request = entry_request(entry)
             try:
                 self._policies[request.policy].place(
@@ -430,9 +438,9 @@ class HostGpuLedger:
     def _free_for(self, state: dict[str, Any], job_id: str) -> list[int]:
         """GPUs nobody holds, minus those reserved for another job."""
         allocated = self._allocated(state)
-        reserved = state.get("reserved", {})
-        return [i for i in self.topology.indices if i not in allocated
-                and reserved.get(str(i), job_id) == job_id]
+        return usable_by(job_id, (i for i in self.topology.indices
+                                  if i not in allocated),
+                         state.get("reserved", {}))
 
     def _allocation(self, job_id: str, request: GpuRequest,
                     gpus: list[int]) -> Allocation:
@@ -459,18 +467,15 @@ class HostGpuLedger:
         free = [i for i in self.topology.indices if i not in allocated]
         granted: list[str] = []
         blocked_at: int | None = None
-        for job_id, entry in sorted(waiting.items(),
-                                    key=lambda kv: grant_key(kv[1], kv[0],
-                                                             now)):
+        for job_id, entry in in_grant_order(waiting, now):
             level = entry_priority(entry, now)
             if blocked_at is not None and level < blocked_at:
                 break
             request = entry_request(entry)
-            usable = [i for i in free
-                      if reserved.get(str(i), job_id) == job_id]
             try:
                 placement = self._policies[request.policy].place(
-                    self.topology, request, free=usable)
+                    self.topology, request,
+                    free=usable_by(job_id, free, reserved))
             except UnsatisfiableGpuRequest:
                 if blocked_at is None:
                     blocked_at = level

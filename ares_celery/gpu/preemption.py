@@ -54,21 +54,23 @@ def work_at_risk(entry: Mapping[str, Any], now: float) -> float:
     return len(entry["gpus"]) * max(0.0, now - since)
 
 
+def victim_from(job_id: str, entry: Mapping[str, Any],
+                now: float) -> Victim:
+    """The running job of a ledger allocation ``entry``, as a victim."""
+    return Victim(job_id, int(entry["pid"]),
+                  tuple(int(g) for g in entry["gpus"]),
+                  int(entry.get("priority", 0)), int(entry.get("token") or 0),
+                  work_at_risk(entry, now))
+
+
 def candidates(allocations: Mapping[str, Mapping[str, Any]],
                priority: int, now: float) -> list[Victim]:
     """Running jobs a job of ``priority`` may preempt: preemptible, less
     urgent, and not already asked to yield."""
-    out = []
-    for job_id, entry in allocations.items():
-        if not entry.get("preemptible") or entry.get("preempt") \
-                or int(entry.get("priority", 0)) >= priority:
-            continue
-        out.append(Victim(job_id, int(entry["pid"]),
-                          tuple(int(g) for g in entry["gpus"]),
-                          int(entry.get("priority", 0)),
-                          int(entry.get("token") or 0),
-                          work_at_risk(entry, now)))
-    return out
+    return [victim_from(job_id, entry, now)
+            for job_id, entry in allocations.items()
+            if entry.get("preemptible") and not entry.get("preempt")
+            and int(entry.get("priority", 0)) < priority]
 
 
 def _cost(victims: Sequence[Victim]) -> tuple[float, int, int]:
