@@ -191,10 +191,23 @@ class HostGpuLedger:
         """Busy GPUs and the worker's info (queue, worker, lease), read
         together under the lock: what the host's state key must say."""
         with self.locked() as state:
-            info = {k: v for k, v in state.items()
-                    if k not in ("allocations", "waiting", "reserved")}
-            info["preemptible"] = self._preemptible(state)
-            return self._busy(state), info
+            return self._snapshot(state)
+
+    def publish_with(self, write: Callable[[dict[int, str], dict[str, Any]],
+                                           None]) -> None:
+        """Call ``write(busy, info)`` while holding the lock: pool processes
+        that change the ledger one after the other then publish in that
+        order too, so an older state never lands after a newer one (and
+        stays there: nothing would correct it)."""
+        with self.locked() as state:
+            write(*self._snapshot(state))
+
+    def _snapshot(self, state: dict[str, Any]
+                  ) -> tuple[dict[int, str], dict[str, Any]]:
+        info = {k: v for k, v in state.items()
+                if k not in ("allocations", "waiting", "reserved")}
+        info["preemptible"] = self._preemptible(state)
+        return self._busy(state), info
 
     def preemptible(self) -> dict[str, int]:
         """Running jobs a more urgent one may preempt (job id -> priority),

@@ -156,9 +156,10 @@ class GpuHost:
 
     def publish(self) -> None:
         """Write the ledger's free set under the worker's inventory lease."""
-        busy, info = self.ledger.snapshot()
-        write_state(self._services.etcd, self._services.keys, self.topology,
-                    busy, info, int(info.get("lease", 0)))
+        self.ledger.publish_with(
+            lambda busy, info: write_state(
+                self._services.etcd, self._services.keys, self.topology,
+                busy, info, int(info.get("lease", 0))))
 
     def visible_devices(self, allocation: Allocation) -> str:
         """``CUDA_VISIBLE_DEVICES`` for the body: indices by default, or
