@@ -46,6 +46,7 @@ from .fencing import (
     report_rejected,
     token_for,
 )
+from .store import CommitProbe
 
 #: How Celery names this backend in ``result_backend`` ("module:Class+url").
 BACKEND_PATH = "ares_celery.backends.etcd:FencedEtcdBackend"
@@ -85,8 +86,13 @@ class FencedEtcdBackend(KeyValueStoreBackend):
     def __reduce__(self, args=(), kwargs=None):
         return super().__reduce__(args, dict(kwargs or {}))
 
+    def commit_probe(self, job_id: str) -> None:
+        """None: the lock Txn reads the commit marker itself."""
+        return None
+
     def register_fence(self, job_id: str, token: int,
-                       first_holder: bool = False) -> str | None:
+                       first_holder: bool = False,
+                       probe: CommitProbe | None = None) -> str | None:
         """Nothing to record: the commit compares the lock's create
         revision itself, and the lock Txn already read the commit marker
         (``marker_in_etcd``), so a committed job never got this far."""

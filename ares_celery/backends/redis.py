@@ -29,6 +29,7 @@ from .fencing import (
     report_rejected,
     token_for,
 )
+from .store import CommitProbe
 
 #: How Celery names this backend in ``result_backend`` ("module:Class+url").
 BACKEND_PATH = "ares_celery.backends.redis:FencedRedisBackend"
@@ -131,23 +132,31 @@ class FencedRedisBackend(RedisBackend):
 
     # -- used by the task before the body runs ---------------------------
 
+    def commit_probe(self, job_id: str) -> CommitProbe:
+        """One HMGET of the job hash's ``committed`` and ``retired``."""
+        committed, retired = self.ensure(lambda: self.client.hmget(
+            self._keys.job(job_id), "committed", "retired"), ())
+        return CommitProbe(bytes_to_str(committed) if committed else None,
+                           bool(retired))
+
     def register_fence(self, job_id: str, token: int,
-                       first_holder: bool = False) -> str | None:
+                       first_holder: bool = False,
+                       probe: CommitProbe | None = None) -> str | None:
         """Raise the job's fence to ``token``; return the committed token if
         the job is already committed (then the body must not run).
 
         ``first_holder``: the lock Txn created the job's record, so no
         older token can exist and only the committed check is needed (one
-        HMGET instead of the fence script), unless the job was retired
-        (``celery ares forget``), which deletes the record but not the
-        earlier tenures: then the fence is raised as for any holder.
+        HMGET instead of the fence script, none if ``probe`` was read
+        alongside the lock Txn), unless the job was retired (``celery ares
+        forget``), which deletes the record but not the earlier tenures:
+        then the fence is raised as for any holder.
         """
         if first_holder:
-            committed, retired = self.ensure(lambda: self.client.hmget(
-                self._keys.job(job_id), "committed", "retired"), ())
-            if committed:
-                return bytes_to_str(committed)
-            if not retired:
+            probe = probe or self.commit_probe(job_id)
+            if probe.committed:
+                return probe.committed
+            if not probe.retired:
                 return None
         ttl = max(int(self.expires or 0), self._dedup_ttl, 86400)
         committed = self.ensure(lambda: self._fence_script(

@@ -17,9 +17,22 @@ Celery result backend that additionally
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..settings import AresSettings
+
+
+@dataclass(frozen=True)
+class CommitProbe:
+    """A job's commit state as one read saw it."""
+
+    #: The committed fencing token, if the job is committed.
+    committed: str | None
+    #: The job was retired (``celery ares forget``): earlier tenures may
+    #: exist although its record is gone, so a first holder raises the
+    #: fence after all.
+    retired: bool
 
 
 @runtime_checkable
@@ -31,13 +44,21 @@ class FencedStore(Protocol):
     #: True when the commit marker is an etcd key the lock Txn can read.
     marker_in_etcd: ClassVar[bool]
 
+    def commit_probe(self, job_id: str) -> CommitProbe | None:
+        """What a first holder must know before its body (is the job
+        committed, was it retired), in one read that may be sent while the
+        lock Txn is in flight; None when the store needs no such read
+        (``marker_in_etcd``)."""
+
     def register_fence(self, job_id: str, token: int,
-                       first_holder: bool = False) -> str | None:
+                       first_holder: bool = False,
+                       probe: CommitProbe | None = None) -> str | None:
         """Before the body: record ``token`` as the job's newest holder (if
         the store fences by comparing tokens) and return the committed
         token if the job is already committed (the body must not run).
         A ``first_holder`` (its lock Txn created the job's record: no
-        earlier token can exist) need not raise a fence, only answer."""
+        earlier token can exist) need not raise a fence, only answer; its
+        ``probe``, read alongside the lock Txn, answers without a call."""
 
     def commit_record(self, job_id: str) -> dict[str, str]:
         """``state``, ``committed`` (token), ``request`` of the commit, or

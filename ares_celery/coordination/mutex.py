@@ -19,8 +19,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, takewhile
 from typing import Literal
 
 from ..clients.etcd import (
@@ -38,10 +39,23 @@ from .session import LeaseGrant
 
 logger = logging.getLogger(__name__)
 
-#: Locks of committed jobs are deleted with the next lock Txn, at most this
-#: many at a time, or by a background thread once they waited this long.
+#: Locks of committed jobs are deleted with a later lock Txn, at most this
+#: many at a time, or by a background thread (it looks this often).
 RELEASE_BATCH = 64
 RELEASE_IDLE_S = 0.5
+
+#: A committed job's lock and record are kept at least this long after its
+#: commit, so that a "committed?" read sent alongside a lock Txn (see
+#: ``JobRuntime.begin``) and answered "no" can be trusted when the Txn
+#: found neither: the commit it missed would have happened after the read
+#: was sent, and the keys would still be there for at least this long.
+#: (The background thread deleted them after this long before, too.)
+COMMITTED_KEYS_KEPT_S = RELEASE_IDLE_S
+
+#: A read sent alongside a lock Txn is trusted only if the Txn answered
+#: within this long of the read being sent (a few milliseconds, normally):
+#: well inside ``COMMITTED_KEYS_KEPT_S``, whatever the hosts' clocks do.
+ALONGSIDE_TRUSTED_S = COMMITTED_KEYS_KEPT_S / 5
 
 #: Each process puts job records on a fresh shared lease this often.
 RECORDS_LEASE_EVERY_S = 3600
@@ -160,9 +174,15 @@ class JobLocks:
         return self._records_lease[0]
 
     def acquire(self, job_id: str, grant: LeaseGrant,
-                record: str = "{}") -> LockOutcome:
+                record: str = "{}",
+                alongside: Callable[[], None] | None = None) -> LockOutcome:
         """Take the job's lock on ``grant``'s lease and put its ``record``
-        (a JSON object; the holder is added) in the same Txn."""
+        (a JSON object; the holder is added) in the same Txn.
+
+        ``alongside`` (must not raise) runs while the Txn is in flight, or
+        after it (see :meth:`EtcdGateway.txn`), or not at all when no Txn
+        is needed.
+        """
         lock_key = self._keys.lock(job_id)
         if self._is_pending(job_id):
             # This process committed the job; its lock just has not been
@@ -181,7 +201,9 @@ class JobLocks:
         released_key = self._keys.released(job_id)
         reads = [op_range(self._keys.done(job_id))] if self._check_done else []
         # Locks of jobs this process committed are deleted in the same Txn.
-        discard = self._take_pending(RELEASE_BATCH, exclude=job_id)
+        discard = self._take_pending(
+            RELEASE_BATCH, exclude=job_id,
+            older_than=time.monotonic() - COMMITTED_KEYS_KEPT_S)
         deletes = [op for job in discard for op in self._cleanup_ops(job)]
         try:
             result = self._etcd.txn(
@@ -191,6 +213,7 @@ class JobLocks:
                                 prev_kv=True),
                          op_range(released_key), *reads, *deletes],
                 failure=[op_range(lock_key), *reads, *deletes],
+                alongside=alongside,
             )
         except ServiceUnavailable:
             self._restore_pending(discard)
@@ -277,10 +300,10 @@ class JobLocks:
 
         Once the result is committed nobody needs the lock (any later
         message for the job is skipped as committed), so an unconditional
-        delete is safe, and it rides along in this process's next lock Txn.
-        A background thread deletes what waited longer than
-        ``RELEASE_IDLE_S`` (an idle worker). If the process dies first, the
-        lock goes with its lease.
+        delete is safe, and it rides along in one of this process's lock
+        Txns once ``COMMITTED_KEYS_KEPT_S`` have passed; a background thread
+        deletes what waited longer (an idle worker). If the process dies
+        first, the lock goes with its lease.
         """
         with self._pending_guard:
             self._pending.setdefault(job_id, time.monotonic())
@@ -302,7 +325,13 @@ class JobLocks:
                     self._releaser.start()
 
     def flush(self) -> None:
-        """Delete every queued lock now (worker shutdown)."""
+        """Delete every queued lock (worker shutdown), the youngest once
+        it is ``COMMITTED_KEYS_KEPT_S`` old."""
+        with self._pending_guard:
+            youngest = max(self._pending.values(), default=None)
+        if youngest is not None:
+            time.sleep(max(0.0, youngest + COMMITTED_KEYS_KEPT_S
+                           - time.monotonic()))
         while True:
             batch = self._take_pending(RELEASE_BATCH)
             if not batch:
@@ -316,13 +345,14 @@ class JobLocks:
 
     def _take_pending(self, limit: int, exclude: str = "",
                       older_than: float | None = None) -> list[str]:
+        """Up to ``limit`` queued jobs, oldest first, committed no later
+        than ``older_than`` (the queue is in commit order)."""
         with self._pending_guard:
-            if older_than is not None and (
-                    not self._pending
-                    or next(iter(self._pending.values())) > older_than):
-                return []
-            keys = list(islice((key for key in self._pending
-                                if key != exclude), limit))
+            aged = takewhile(
+                lambda item: older_than is None or item[1] <= older_than,
+                self._pending.items())
+            keys = list(islice((key for key, _ in aged if key != exclude),
+                               limit))
             for key in keys:
                 del self._pending[key]
             return keys
@@ -365,7 +395,8 @@ class JobLocks:
         while True:
             time.sleep(RELEASE_IDLE_S)
             batch = self._take_pending(
-                RELEASE_BATCH, older_than=time.monotonic() - RELEASE_IDLE_S)
+                RELEASE_BATCH,
+                older_than=time.monotonic() - COMMITTED_KEYS_KEPT_S)
             if batch:
                 self._delete_batch(batch)
             if self._guarded:

@@ -13,7 +13,8 @@ from celery import Task as CeleryTask
 from celery.exceptions import Ignore, Reject
 
 from .. import headers as wire
-from ..backends.store import FencedStore
+from ..backends.store import CommitProbe, FencedStore
+from ..coordination.mutex import ALONGSIDE_TRUSTED_S
 from ..errors import AresError, AttemptsExhausted, ServiceUnavailable
 from ..headers import header
 from ..observability import events
@@ -48,6 +49,42 @@ class ExecutionStats:
     skipped_committed = 0
 
 
+class ReadAlongside:
+    """A first holder's "committed?" read, sent while the lock Txn is in
+    flight (the lock Txn's ``alongside``).
+
+    Read before the Txn is applied, it can miss a commit made in between by
+    the job's previous holder. It is used only when the Txn found no job
+    record (a first holder), and only if the Txn answered within
+    ``ALONGSIDE_TRUSTED_S`` of the read being sent: a commit the read
+    missed happened after it was sent, and its lock and record stay at
+    least ``COMMITTED_KEYS_KEPT_S`` (five times longer) after it, so such
+    a Txn would have found them. Otherwise the read is made again after
+    the Txn, as if none had been sent.
+    """
+
+    def __init__(self, store: FencedStore, job_id: str) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._sent: float | None = None
+        self._probe: CommitProbe | None = None
+
+    def __call__(self) -> None:
+        self._sent = time.monotonic()
+        try:
+            self._probe = self._store.commit_probe(self._job_id)
+        except Exception:  # noqa: BLE001 - read again after the Txn
+            self._probe = None
+
+    def trusted(self) -> CommitProbe | None:
+        """The read, if it may stand for one made after the Txn (call
+        right after the Txn answered)."""
+        if self._sent is None or \
+                time.monotonic() - self._sent >= ALONGSIDE_TRUSTED_S:
+            return None
+        return self._probe
+
+
 class JobRuntime:
     """Runs the lease protocol around one task execution."""
 
@@ -64,11 +101,17 @@ class JobRuntime:
         request = task.request
         job_id = request.id
         services = self._services
+        store = self._store()
+        # Whether the job is committed is read while the lock Txn is in
+        # flight: a first holder then needs no round trip of its own.
+        read = None if store.marker_in_etcd else ReadAlongside(store, job_id)
         try:
             grant = services.keeper.current()
             outcome = services.locks.acquire(
-                job_id, grant, encode_message(job_message(task, request)))
+                job_id, grant, encode_message(job_message(task, request)),
+                alongside=read)
             acquired_at = time.time()
+            probe = read.trusted() if read is not None else None
         except ServiceUnavailable as exc:
             count_job_lock("unavailable")
             self.defer(task, f"etcd unavailable ({exc})")
@@ -81,7 +124,7 @@ class JobRuntime:
                               f"{holder.get('pid')}")
         token = outcome.token
         try:
-            committed = self._check_store(job_id, outcome)
+            committed = self._check_store(store, job_id, outcome, probe)
         except Exception as exc:  # noqa: BLE001 - any store error defers
             self._release_quietly(job_id, token)
             count_job_lock("unavailable")
@@ -125,7 +168,9 @@ class JobRuntime:
             on_saved=lambda saved: events.checkpointed(task, saved),
             may_exist=attempt > 1 or bool(task.request.retries))
 
-    def _check_store(self, job_id: str, outcome: LockOutcome) -> str | None:
+    def _check_store(self, store: FencedStore, job_id: str,
+                     outcome: LockOutcome,
+                     probe: CommitProbe | None) -> str | None:
         """Before the body: the committed token if the job is committed.
 
         A store whose commit marker is in etcd was read by the lock Txn
@@ -136,14 +181,14 @@ class JobRuntime:
         the fence before its body runs, which is what fences this one if
         it turns zombie. It still asks whether the job is committed: the
         record of a committed job is deleted, so a late copy of its message
-        is a first holder too.
+        is a first holder too. ``probe`` answers that when it was read
+        alongside the lock Txn (see :class:`ReadAlongside`).
         """
-        store = self._store()
         if store.marker_in_etcd:
             return None
         if outcome.first:
             return store.register_fence(job_id, outcome.token,
-                                        first_holder=True)
+                                        first_holder=True, probe=probe)
         return store.register_fence(job_id, outcome.token)
 
     def max_attempts(self, task: Task) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 import redis as redis_lib
@@ -13,6 +14,7 @@ from ares_celery.coordination.mutex import JobLocks
 from ares_celery.exactly_once import context
 from ares_celery.exactly_once.context import JobContext
 from ares_celery.keys import Keys
+from tests.processes import wait_for
 from tests.records import KEYS
 
 pytestmark = pytest.mark.integration
@@ -85,6 +87,63 @@ def test_redis_first_holder_needs_no_fence_and_stays_fenceable(jobs, store):
     backend.store_result("job-g", "zombie", "SUCCESS")
     context.unregister("job-g")
     assert backend.get_task_meta("job-g")["status"] == "PENDING"
+
+
+def test_a_commit_between_the_alongside_read_and_the_lock_txn_is_seen(
+        jobs, etcd, monkeypatch):
+    """The worst interleaving of issue 14's overlapped read: a copy's
+    "committed?" read answers "no", then the holder commits and at once
+    takes another job (whose lock Txn carries its committed locks' deletes),
+    then the copy's lock Txn runs. The committed job's keys must still be
+    there, so the copy finds the lock held and never runs the body: were
+    they deleted with that next Txn, the copy would be a first holder
+    whose (trusted, prompt) read says "not committed". The clock both
+    sides read is frozen, so a slow machine cannot stretch the interleaving
+    past the window (this test is about that timer)."""
+    from types import SimpleNamespace
+
+    from ares_celery.coordination import mutex
+    from ares_celery.coordination.session import LeaseGrant
+    from ares_celery.exactly_once import execution
+    from ares_celery.exactly_once.execution import ReadAlongside
+
+    now = [1000.0]
+    frozen = SimpleNamespace(monotonic=lambda: now[0], time=time.time,
+                             sleep=time.sleep)
+    monkeypatch.setattr(mutex, "time", frozen)
+    monkeypatch.setattr(execution, "time", frozen)
+    app, _ = jobs.make_app("fence-alongside")
+    backend = app.backend
+    holder = JobLocks(etcd, Keys("ares"))
+    copy = JobLocks(etcd, Keys("ares"))
+    grant = LeaseGrant(etcd.grant_lease(30), 1)
+    taken = holder.acquire("job-a", grant)
+    assert taken.first
+    assert backend.register_fence("job-a", taken.token,
+                                  first_holder=True) is None
+
+    read = ReadAlongside(backend, "job-a")
+    read()                                        # the copy's read: "no"
+    ctx = as_holder("job-a", taken.token)         # the holder commits
+    backend.store_result("job-a", "done", "SUCCESS")
+    context.unregister("job-a")
+    assert ctx.committed
+    holder.discard_after_commit("job-a")
+    now[0] += mutex.ALONGSIDE_TRUSTED_S / 2
+    assert holder.acquire("job-b", grant).status == "acquired"
+    outcome = copy.acquire("job-a", LeaseGrant(etcd.grant_lease(30), 2))
+    probe = read.trusted()
+    assert probe is not None and probe.committed is None
+    assert outcome.status == "held"               # deferred, not run
+    # The keys go once they are COMMITTED_KEYS_KEPT_S old (background).
+    now[0] += mutex.COMMITTED_KEYS_KEPT_S
+    wait_for(lambda: etcd.get(KEYS.job_record("job-a")) is None, 10,
+             "the committed job's record to go")
+    late = copy.acquire("job-a", LeaseGrant(etcd.grant_lease(30), 2))
+    assert late.first                             # a late copy: first ...
+    assert backend.register_fence("job-a", late.token, first_holder=True,
+                                  probe=backend.commit_probe("job-a")
+                                  ) == str(taken.token)  # ... but skipped
 
 
 def test_redis_commit_race_writes_once(jobs, store):
