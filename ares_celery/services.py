@@ -116,5 +116,6 @@ class Services:
 
     def close(self) -> None:
         if self._pid == os.getpid():
+            self._dedup.flush_marks()
             self._locks.flush()
             self._keeper.close()

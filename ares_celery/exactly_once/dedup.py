@@ -34,6 +34,7 @@ import redis
 from ..clients.redis import unavailable_as_ares_error
 from ..errors import RequestIdConflict, ServiceUnavailable
 from .identity import Keys
+from .published_marks import FLUSH_TIMEOUT_S, Mark, PublishedMarks
 
 Outcome = Literal["reserved", "takeover", "republish", "published", "pending"]
 
@@ -119,6 +120,7 @@ class DedupStore:
         self._reserve = client.register_script(_RESERVE)
         self._rollback = client.register_script(_ROLLBACK)
         self._record_purge = client.register_script(_RECORD_PURGE)
+        self._marks = PublishedMarks(self.write_published)
 
     def reserve(self, request_id: str, job_id: str, task_name: str,
                 digest: str, label: str | None = None) -> Reservation:
@@ -164,21 +166,42 @@ class DedupStore:
 
     def mark_published(self, request_id: str, job_id: str, task_name: str,
                        digest: str) -> None:
-        """One HSET (no script, no clock read): the record keeps its
-        reservation time as ``at``. That is a few milliseconds before the
-        publish, which errs the safe way: a purge that ended in between,
-        or a stale-publish check, republishes on a retry rather than not
-        (a second copy is skipped or deferred by layers 2 and 3). The
-        record's identity fields are written again with the state, so a
-        record that vanished meanwhile (a forget) is whole again at once;
-        then, and only then, it needs its TTL too."""
-        key = self._keys.dedup(request_id)
+        """Mark the reservation published, now (see :meth:`mark_later`)."""
+        self.write_published([Mark(request_id, job_id, task_name, digest)])
+
+    def mark_later(self, request_id: str, job_id: str, task_name: str,
+                   digest: str) -> None:
+        """Mark the reservation published from the writer thread
+        (:mod:`.published_marks`): the submitter does not wait for it."""
+        self._marks.add(Mark(request_id, job_id, task_name, digest))
+
+    def flush_marks(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait for the marks queued by :meth:`mark_later` to be written."""
+        return self._marks.flush(timeout)
+
+    def write_published(self, marks: list[Mark]) -> None:
+        """One HSET per mark (no script, no clock read), all in one round
+        trip: the record keeps its reservation time as ``at``. That is a
+        few milliseconds before the publish, which errs the safe way: a
+        purge that ended in between, or a stale-publish check, republishes
+        on a retry rather than not (a second copy is skipped or deferred by
+        layers 2 and 3). The record's identity fields are written again
+        with the state, so a record that vanished meanwhile (a forget) is
+        whole again at once; then, and only then, it needs its TTL too."""
+        keys = [self._keys.dedup(mark.request_id) for mark in marks]
         with unavailable_as_ares_error(self._url):
-            added = self._redis.hset(key, mapping={
-                "job": job_id, "task": task_name, "digest": digest,
-                "state": "published"})
-            if added:
-                self._redis.expire(key, self._ttl)
+            pipe = self._redis.pipeline(transaction=False)
+            for key, mark in zip(keys, marks, strict=True):
+                pipe.hset(key, mapping={
+                    "job": mark.job_id, "task": mark.task_name,
+                    "digest": mark.digest, "state": "published"})
+            recreated = [key for key, added in zip(keys, pipe.execute(),
+                                                   strict=True) if added]
+            if recreated:
+                pipe = self._redis.pipeline(transaction=False)
+                for key in recreated:
+                    pipe.expire(key, self._ttl)
+                pipe.execute()
 
     def rollback(self, request_id: str, owner: str) -> None:
         """Undo our reservation after a failed publish (the seed never did),

@@ -3,10 +3,11 @@ one published message per request id.
 
 The stages run in this order, and each runs only if the one before says the
 message must go out: validate -> reserve (dedup) -> route -> publish ->
-mark published. Routing comes after the reservation on purpose: a retry of
-a job that already exists must return it even when no host could take it
-right now (its GPU workers stopped, say), and must not book GPUs for a
-message it will never send. Any failure after the reservation (routing,
+mark published (queued to a writer thread: the caller does not wait).
+Routing comes after the reservation on purpose: a retry of a job that
+already exists must return it even when no host could take it right now
+(its GPU workers stopped, say), and must not book GPUs for a message it
+will never send. Any failure after the reservation (routing,
 publishing) rolls the reservation back so the client's retry is not
 blocked for the claim timeout.
 """
@@ -145,7 +146,9 @@ class Submitter:
         except BaseException:
             services.dedup.rollback(rid, reservation.owner)
             raise
-        services.dedup.mark_published(rid, job_id, name, digest)
+        # Off this thread: nothing here needs its answer (a duplicate
+        # waits for it; a lost one makes a retry publish again).
+        services.dedup.mark_later(rid, job_id, name, digest)
         return result
 
     @staticmethod

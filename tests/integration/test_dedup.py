@@ -127,7 +127,28 @@ def test_client_killed_between_record_and_publish_does_not_lose_job(
         dedup._claim_ms = 5000
     assert result.id == job_id_for("ares", "killed-client")
     assert len(broker.messages()) == 1
+    assert dedup.flush_marks()
     assert store.hget(KEYS.dedup("killed-client"), "state") == b"published"
+
+
+def test_a_client_that_exits_at_once_still_marks_its_job_published(
+        jobs, store, broker):
+    """The mark is written by a thread after ``apply_async`` returned; a
+    script that submits and exits at once must not leave its job looking
+    unpublished (a retry would wait for the claim timeout, then publish a
+    second copy)."""
+    script = textwrap.dedent("""
+        from tests.apps import jobs
+        for i in range(20):
+            jobs.record.apply_async((i,), request_id=f"exit-{i}")
+    """)
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True,
+                   timeout=60,
+                   env=dict(os.environ, ARES_TEST_BROKER=broker.url))
+    states = {store.hget(KEYS.dedup(f"exit-{i}"), "state")
+              for i in range(20)}
+    assert states == {b"published"}
+    assert len(broker.messages()) == 20
 
 
 def test_failed_publish_rolls_back_the_reservation(jobs, store, monkeypatch, broker):

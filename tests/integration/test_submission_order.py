@@ -50,5 +50,6 @@ def test_a_routing_failure_rolls_the_reservation_back(jobs, store, broker):
     route = Route()
     result = submit(jobs, "order-fail", route)
     assert route.calls == 1 and broker.queue_length("celery") == 1
+    assert jobs.ares.services.dedup.flush_marks()
     assert store.hget(keys.dedup("order-fail"), "state") == b"published"
     assert result.id == submit(jobs, "order-fail", route).id

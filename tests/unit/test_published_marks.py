@@ -1,0 +1,74 @@
+"""The writer thread that marks reservations published (issue 14): every
+queued mark is written, piled-up marks go in one write, a failing write
+loses nothing but the marks themselves, and a forked child never waits for
+its parent's marks."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from ares_celery.exactly_once.published_marks import Mark, PublishedMarks
+
+
+def mark(i: int) -> Mark:
+    return Mark(f"rid-{i}", f"job-{i}", "t", "d")
+
+
+def test_queued_marks_are_all_written_and_flush_waits_for_them():
+    written = []
+    marks = PublishedMarks(written.extend)
+    for i in range(50):
+        marks.add(mark(i))
+    assert marks.flush(5)
+    assert written == [mark(i) for i in range(50)]
+
+
+def test_marks_that_pile_up_during_a_write_go_together():
+    release = threading.Event()
+    batches = []
+
+    def slow(batch):
+        batches.append(list(batch))
+        release.wait(5)
+
+    marks = PublishedMarks(slow)
+    marks.add(mark(0))
+    while not batches:
+        threading.Event().wait(0.001)
+    for i in range(1, 6):
+        marks.add(mark(i))
+    assert not marks.flush(0.05)          # the first write still blocks
+    release.set()
+    assert marks.flush(5)
+    assert batches == [[mark(0)], [mark(i) for i in range(1, 6)]]
+
+
+def test_a_failed_write_is_logged_and_the_writer_goes_on(caplog):
+    calls = []
+
+    def flaky(batch):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise ConnectionError("redis away")
+
+    marks = PublishedMarks(flaky)
+    marks.add(mark(1))
+    assert marks.flush(5)
+    marks.add(mark(2))
+    assert marks.flush(5)
+    assert calls == [[mark(1)], [mark(2)]]
+    assert "could not mark 1 submission(s) published" in caplog.text
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_marks():
+    blocked = threading.Event()
+    marks = PublishedMarks(lambda batch: blocked.wait(5))
+    marks.add(mark(1))
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's write never finishes here
+        os._exit(0 if marks.flush(2) else 1)
+    _, status = os.waitpid(pid, 0)
+    blocked.set()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert marks.flush(5)
