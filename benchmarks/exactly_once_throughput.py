@@ -169,7 +169,8 @@ def run_mode(mode: str, task: str, conc: int, args, env: dict) -> dict:
     env = dict(env, BENCH_MODE="plain" if mode == "plain" else "ares")
     tree = Path(args.before).resolve() if mode == "before" else ROOT
     # The tree first: it wins over the editable install in site-packages.
-    env["PYTHONPATH"] = os.pathsep.join([str(tree), str(BENCH)])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tree), str(BENCH), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--one", mode,
          "--task", task, "--concurrency", str(conc), "--tasks",
