@@ -90,6 +90,10 @@ class FencedEtcdBackend(KeyValueStoreBackend):
         """None: the lock Txn reads the commit marker itself."""
         return None
 
+    def send_commit_probe(self, job_id: str) -> None:
+        """None: the lock Txn reads the commit marker itself."""
+        return None
+
     def register_fence(self, job_id: str, token: int,
                        first_holder: bool = False,
                        probe: CommitProbe | None = None) -> str | None:

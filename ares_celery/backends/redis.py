@@ -13,6 +13,7 @@ id, can retire the whole job (:mod:`ares_celery.exactly_once.retire`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from celery.backends.redis import RedisBackend
@@ -138,6 +139,36 @@ class FencedRedisBackend(RedisBackend):
             self._keys.job(job_id), "committed", "retired"), ())
         return CommitProbe(bytes_to_str(committed) if committed else None,
                            bool(retired))
+
+    def send_commit_probe(self, job_id: str
+                          ) -> Callable[[], CommitProbe] | None:
+        """:meth:`commit_probe` in two halves on a connection of its own:
+        the HMGET is written to Redis now, its answer read by the returned
+        call (which hands the connection back, or drops it on any error).
+        Nothing waits in between, so no thread is needed to overlap it
+        with the lock Txn."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("HMGET", self._keys.job(job_id), "committed",
+                              "retired")
+        except Exception:  # noqa: BLE001 - the caller reads after the Txn
+            conn.disconnect()
+            pool.release(conn)
+            return None
+
+        def answer() -> CommitProbe:
+            try:
+                committed, retired = conn.read_response()
+            except BaseException:
+                conn.disconnect()  # a half-read reply must not be reused
+                raise
+            finally:
+                pool.release(conn)
+            return CommitProbe(bytes_to_str(committed) if committed else None,
+                               bool(retired))
+
+        return answer
 
     def register_fence(self, job_id: str, token: int,
                        first_holder: bool = False,

@@ -17,6 +17,7 @@ Celery result backend that additionally
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -46,9 +47,15 @@ class FencedStore(Protocol):
 
     def commit_probe(self, job_id: str) -> CommitProbe | None:
         """What a first holder must know before its body (is the job
-        committed, was it retired), in one read that may be sent while the
-        lock Txn is in flight; None when the store needs no such read
-        (``marker_in_etcd``)."""
+        committed, was it retired), in one read; None when the store needs
+        no such read (``marker_in_etcd``)."""
+
+    def send_commit_probe(self, job_id: str
+                          ) -> Callable[[], CommitProbe] | None:
+        """The same read, sent now and answered by the returned call,
+        which must be made (it returns the connection): the worker sends
+        it just before the lock Txn and reads it after, so Redis answers
+        while etcd works. None if it could not be sent."""
 
     def register_fence(self, job_id: str, token: int,
                        first_holder: bool = False,

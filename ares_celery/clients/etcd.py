@@ -22,7 +22,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -417,20 +417,11 @@ class EtcdGateway:
 
     def txn(self, compare: Sequence[dict[str, Any]],
             success: Sequence[dict[str, Any]],
-            failure: Sequence[dict[str, Any]] = (),
-            alongside: Callable[[], None] | None = None) -> TxnResult:
-        """Run one transaction: the unit every atomic step is built on.
-
-        ``alongside`` (which must not raise) runs while the transaction is
-        in flight where the transport allows (gRPC), else after its reply:
-        a caller may rely on it running no earlier than the Txn was sent,
-        never on it running before the Txn was applied.
-        """
+            failure: Sequence[dict[str, Any]] = ()) -> TxnResult:
+        """Run one transaction: the unit every atomic step is built on."""
         resp = self._post("/kv/txn", {"compare": list(compare),
                                       "success": list(success),
                                       "failure": list(failure)})
-        if alongside is not None:
-            alongside()
         return TxnResult(
             succeeded=bool(resp.get("succeeded", False)),
             revision=int(resp.get("header", {}).get("revision", 0)),

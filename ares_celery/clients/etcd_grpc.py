@@ -375,25 +375,14 @@ class GrpcEtcdGateway(EtcdGateway):
 
     def txn(self, compare: Sequence[dict[str, Any]],
             success: Sequence[dict[str, Any]],
-            failure: Sequence[dict[str, Any]] = (),
-            alongside: Callable[[], None] | None = None) -> TxnResult:
+            failure: Sequence[dict[str, Any]] = ()) -> TxnResult:
         if not self._use_grpc():
-            return super().txn(compare, success, failure, alongside)
+            return super().txn(compare, success, failure)
         codec = _load().codec
         request = codec.txn_message(compare, success, failure)
-        pending = [alongside] if alongside is not None else []
-
-        def call(stubs: _Stubs, metadata: Any) -> Any:
-            # The Txn is on the wire (gRPC's own threads carry it) while
-            # ``alongside`` runs here; ``result()`` raises the RpcError
-            # ``_call_any`` handles, as the blocking call would.
-            future = stubs.kv.Txn.future(request, timeout=self.timeout,
-                                         metadata=metadata)
-            while pending:
-                pending.pop()()
-            return future.result()
-
-        return codec.txn_result(self._call("/kv/txn", call))
+        response = self._call("/kv/txn", lambda s, md: s.kv.Txn(
+            request, timeout=self.timeout, metadata=md))
+        return codec.txn_result(response)
 
     def get(self, key: str) -> KeyValue | None:
         if not self._use_grpc():

@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice, takewhile
 from typing import Literal
@@ -45,14 +44,14 @@ RELEASE_BATCH = 64
 RELEASE_IDLE_S = 0.5
 
 #: A committed job's lock and record are kept at least this long after its
-#: commit, so that a "committed?" read sent alongside a lock Txn (see
+#: commit, so that a "committed?" read sent just before a lock Txn (see
 #: ``JobRuntime.begin``) and answered "no" can be trusted when the Txn
 #: found neither: the commit it missed would have happened after the read
 #: was sent, and the keys would still be there for at least this long.
 #: (The background thread deleted them after this long before, too.)
 COMMITTED_KEYS_KEPT_S = RELEASE_IDLE_S
 
-#: A read sent alongside a lock Txn is trusted only if the Txn answered
+#: A read sent before a lock Txn is trusted only if the Txn answered
 #: within this long of the read being sent (a few milliseconds, normally):
 #: well inside ``COMMITTED_KEYS_KEPT_S``, whatever the hosts' clocks do.
 ALONGSIDE_TRUSTED_S = COMMITTED_KEYS_KEPT_S / 5
@@ -174,15 +173,9 @@ class JobLocks:
         return self._records_lease[0]
 
     def acquire(self, job_id: str, grant: LeaseGrant,
-                record: str = "{}",
-                alongside: Callable[[], None] | None = None) -> LockOutcome:
+                record: str = "{}") -> LockOutcome:
         """Take the job's lock on ``grant``'s lease and put its ``record``
-        (a JSON object; the holder is added) in the same Txn.
-
-        ``alongside`` (must not raise) runs while the Txn is in flight, or
-        after it (see :meth:`EtcdGateway.txn`), or not at all when no Txn
-        is needed.
-        """
+        (a JSON object; the holder is added) in the same Txn."""
         lock_key = self._keys.lock(job_id)
         if self._is_pending(job_id):
             # This process committed the job; its lock just has not been
@@ -213,7 +206,6 @@ class JobLocks:
                                 prev_kv=True),
                          op_range(released_key), *reads, *deletes],
                 failure=[op_range(lock_key), *reads, *deletes],
-                alongside=alongside,
             )
         except ServiceUnavailable:
             self._restore_pending(discard)

@@ -50,10 +50,10 @@ class ExecutionStats:
 
 
 class ReadAlongside:
-    """A first holder's "committed?" read, sent while the lock Txn is in
-    flight (the lock Txn's ``alongside``).
+    """A first holder's "committed?" read, sent just before the lock Txn
+    and answered after it, so Redis works while etcd does.
 
-    Read before the Txn is applied, it can miss a commit made in between by
+    Read before the Txn was applied, it can miss a commit made in between by
     the job's previous holder. It is used only when the Txn found no job
     record (a first holder), and only if the Txn answered within
     ``ALONGSIDE_TRUSTED_S`` of the read being sent: a commit the read
@@ -64,25 +64,25 @@ class ReadAlongside:
     """
 
     def __init__(self, store: FencedStore, job_id: str) -> None:
-        self._store = store
-        self._job_id = job_id
-        self._sent: float | None = None
-        self._probe: CommitProbe | None = None
-
-    def __call__(self) -> None:
         self._sent = time.monotonic()
         try:
-            self._probe = self._store.commit_probe(self._job_id)
+            self._answer = store.send_commit_probe(job_id)
         except Exception:  # noqa: BLE001 - read again after the Txn
-            self._probe = None
+            self._answer = None
 
-    def trusted(self) -> CommitProbe | None:
-        """The read, if it may stand for one made after the Txn (call
-        right after the Txn answered)."""
-        if self._sent is None or \
-                time.monotonic() - self._sent >= ALONGSIDE_TRUSTED_S:
+    def finish(self) -> CommitProbe | None:
+        """Read the answer (always: it frees the connection) and return it
+        if it may stand for a read made after the Txn (call right after
+        the Txn answered)."""
+        answered = time.monotonic()
+        answer, self._answer = self._answer, None
+        if answer is None:
             return None
-        return self._probe
+        try:
+            probe = answer()
+        except Exception:  # noqa: BLE001 - read again after the Txn
+            return None
+        return probe if answered - self._sent < ALONGSIDE_TRUSTED_S else None
 
 
 class JobRuntime:
@@ -102,16 +102,19 @@ class JobRuntime:
         job_id = request.id
         services = self._services
         store = self._store()
-        # Whether the job is committed is read while the lock Txn is in
-        # flight: a first holder then needs no round trip of its own.
-        read = None if store.marker_in_etcd else ReadAlongside(store, job_id)
         try:
             grant = services.keeper.current()
-            outcome = services.locks.acquire(
-                job_id, grant, encode_message(job_message(task, request)),
-                alongside=read)
+            message = encode_message(job_message(task, request))
+            # Whether the job is committed is asked just before the lock
+            # Txn and read after it: a first holder then needs no round
+            # trip of its own.
+            read = None if store.marker_in_etcd else \
+                ReadAlongside(store, job_id)
+            try:
+                outcome = services.locks.acquire(job_id, grant, message)
+            finally:
+                probe = read.finish() if read is not None else None
             acquired_at = time.time()
-            probe = read.trusted() if read is not None else None
         except ServiceUnavailable as exc:
             count_job_lock("unavailable")
             self.defer(task, f"etcd unavailable ({exc})")

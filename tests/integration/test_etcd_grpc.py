@@ -128,34 +128,6 @@ def test_job_locks_run_over_grpc(grpc_etcd, etcd):
         keeper.close()
 
 
-def test_alongside_runs_while_the_lock_txn_is_in_flight(grpc_etcd, etcd):
-    """The worker reads "committed?" while its lock Txn is on the wire: the
-    callable waits (up to 5 s) for the Txn's lock to appear in etcd, which
-    it can only do if the Txn was sent before it ran and is not waiting
-    for it. Over HTTP it runs after the reply, so the lock is there."""
-    key = Keys("ares").lock("alongside-job")
-    seen = []
-
-    def wait_for_the_lock():
-        seen.append(wait_for(lambda: etcd.get(key), 5,
-                             "the in-flight lock Txn to be applied"))
-
-    keeper = Session(grpc_etcd, 30)
-    try:
-        taken = JobLocks(grpc_etcd, Keys("ares")).acquire(
-            "alongside-job", keeper.current(), alongside=wait_for_the_lock)
-        assert taken.status == "acquired" and taken.first
-        assert seen[0].create_revision == taken.token
-        assert grpc_etcd.transport == "grpc"
-        seen.clear()
-        after = JobLocks(etcd, Keys("ares")).acquire(
-            "alongside-job", keeper.current(),
-            alongside=lambda: seen.append(etcd.get(key)))
-        assert after.status == "held" and seen[0] is not None
-    finally:
-        keeper.close()
-
-
 def test_etcd_refusals_raise_what_the_http_gateway_raises(grpc_etcd, etcd):
     duplicate = [op_put("/grpc/dup", "a"), op_put("/grpc/dup", "b")]
     for gateway in (etcd, grpc_etcd):

@@ -97,21 +97,18 @@ def test_a_commit_between_the_alongside_read_and_the_lock_txn_is_seen(
     then the copy's lock Txn runs. The committed job's keys must still be
     there, so the copy finds the lock held and never runs the body: were
     they deleted with that next Txn, the copy would be a first holder
-    whose (trusted, prompt) read says "not committed". The clock both
-    sides read is frozen, so a slow machine cannot stretch the interleaving
-    past the window (this test is about that timer)."""
+    whose (trusted, prompt) read says "not committed". The holder's clock
+    is frozen, so a slow machine cannot stretch the interleaving past the
+    window (this test is about that timer)."""
     from types import SimpleNamespace
 
     from ares_celery.coordination import mutex
     from ares_celery.coordination.session import LeaseGrant
-    from ares_celery.exactly_once import execution
-    from ares_celery.exactly_once.execution import ReadAlongside
 
     now = [1000.0]
     frozen = SimpleNamespace(monotonic=lambda: now[0], time=time.time,
                              sleep=time.sleep)
     monkeypatch.setattr(mutex, "time", frozen)
-    monkeypatch.setattr(execution, "time", frozen)
     app, _ = jobs.make_app("fence-alongside")
     backend = app.backend
     holder = JobLocks(etcd, Keys("ares"))
@@ -122,8 +119,8 @@ def test_a_commit_between_the_alongside_read_and_the_lock_txn_is_seen(
     assert backend.register_fence("job-a", taken.token,
                                   first_holder=True) is None
 
-    read = ReadAlongside(backend, "job-a")
-    read()                                        # the copy's read: "no"
+    probe = backend.commit_probe("job-a")         # the copy's read: "no"
+    assert probe.committed is None and not probe.retired
     ctx = as_holder("job-a", taken.token)         # the holder commits
     backend.store_result("job-a", "done", "SUCCESS")
     context.unregister("job-a")
@@ -132,8 +129,6 @@ def test_a_commit_between_the_alongside_read_and_the_lock_txn_is_seen(
     now[0] += mutex.ALONGSIDE_TRUSTED_S / 2
     assert holder.acquire("job-b", grant).status == "acquired"
     outcome = copy.acquire("job-a", LeaseGrant(etcd.grant_lease(30), 2))
-    probe = read.trusted()
-    assert probe is not None and probe.committed is None
     assert outcome.status == "held"               # deferred, not run
     # The keys go once they are COMMITTED_KEYS_KEPT_S old (background).
     now[0] += mutex.COMMITTED_KEYS_KEPT_S
@@ -141,9 +136,11 @@ def test_a_commit_between_the_alongside_read_and_the_lock_txn_is_seen(
              "the committed job's record to go")
     late = copy.acquire("job-a", LeaseGrant(etcd.grant_lease(30), 2))
     assert late.first                             # a late copy: first ...
+    answer = backend.send_commit_probe("job-a")   # as the worker reads it
     assert backend.register_fence("job-a", late.token, first_holder=True,
-                                  probe=backend.commit_probe("job-a")
-                                  ) == str(taken.token)  # ... but skipped
+                                  probe=answer()) == str(taken.token)
+    assert backend.register_fence("job-a", late.token,  # the connection
+                                  first_holder=True) == str(taken.token)
 
 
 def test_redis_commit_race_writes_once(jobs, store):

@@ -1,6 +1,6 @@
-"""When a "committed?" read sent alongside the lock Txn may stand for one
-made after it (issue 14): only if the Txn answered promptly, and never when
-the read failed."""
+"""When a "committed?" read sent just before the lock Txn may stand for one
+made after it (issue 14): only if the Txn answered promptly, never when the
+read failed; and its answer is always read, which frees its connection."""
 
 from __future__ import annotations
 
@@ -16,15 +16,24 @@ from ares_celery.exactly_once.execution import ReadAlongside
 
 
 class Store:
-    def __init__(self, answer):
-        self.answer = answer
-        self.reads = 0
+    """Sends at once; the answer is read (and counted) later."""
 
-    def commit_probe(self, job_id):
-        self.reads += 1
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer
+    def __init__(self, answer=None, send_fails=False):
+        self.answer = answer
+        self.send_fails = send_fails
+        self.answered = 0
+
+    def send_commit_probe(self, job_id):
+        if self.send_fails:
+            return None
+
+        def read():
+            self.answered += 1
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+        return read
 
 
 class Clock:
@@ -48,23 +57,22 @@ def test_the_trusted_window_is_well_inside_the_keys_kept_after_a_commit():
 
 def test_a_prompt_read_is_trusted(clock):
     probe = CommitProbe(None, False)
-    read = ReadAlongside(Store(probe), "job")
-    read()
+    store = Store(probe)
+    read = ReadAlongside(store, "job")
     clock.now += ALONGSIDE_TRUSTED_S / 2
-    assert read.trusted() is probe
+    assert read.finish() is probe and store.answered == 1
 
 
 def test_a_txn_that_answered_late_makes_the_read_untrusted(clock):
-    read = ReadAlongside(Store(CommitProbe(None, False)), "job")
-    read()
+    store = Store(CommitProbe(None, False))
+    read = ReadAlongside(store, "job")
     clock.now += ALONGSIDE_TRUSTED_S * 1.01
-    assert read.trusted() is None
+    assert read.finish() is None
+    assert store.answered == 1          # read anyway: frees the connection
 
 
-def test_a_read_never_sent_or_failed_is_untrusted(clock):
-    assert ReadAlongside(Store(CommitProbe("7", False)), "job").trusted() \
-        is None
+def test_a_read_not_sent_or_failed_is_untrusted(clock):
+    assert ReadAlongside(Store(send_fails=True), "job").finish() is None
     store = Store(ConnectionError("redis away"))
-    failed = ReadAlongside(store, "job")
-    failed()                      # swallowed: read again after the Txn
-    assert store.reads == 1 and failed.trusted() is None
+    assert ReadAlongside(store, "job").finish() is None  # swallowed
+    assert store.answered == 1
