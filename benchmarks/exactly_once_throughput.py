@@ -17,6 +17,11 @@ included) and Redis commands (``INFO commandstats``, which counts the
 commands inside Lua scripts too; with a Redis broker it includes the
 broker's). ``--breakdown`` prints the Redis commands per job by name.
 
+On a noisy machine, ``--repeat N`` runs every mode N times, round robin
+(plain, ares, before, plain, ...), and prints each figure's median over
+the N runs, with the throughput ratio's range: a slow spell then hits all
+modes alike instead of one.
+
 Before/after on the same machine in the same run: export the old commit
 into a directory (``git archive <commit> | tar -x -C /tmp/before``) and
 pass ``--before /tmp/before``; its ``ares_celery`` then runs the "before"
@@ -80,6 +85,45 @@ def counters(redis_client, etcd_endpoint: str) -> dict[str, float]:
     return out
 
 
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds used: user + system)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        table[int(entry)] = (int(fields[1]),
+                             (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+def cpu_counters(roots: dict[str, int]) -> dict[str, float]:
+    """``cpu:<name>``: CPU seconds of each process tree (a server and what
+    it forked, the worker and its pool), plus this client process. On a
+    machine short of cores this, not the wall time of a round trip, is
+    what a job costs: every process competes for the same cores."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    out = {}
+    for name, root in roots.items():
+        todo, total = [root], 0.0
+        while todo:
+            pid = todo.pop()
+            total += table.get(pid, (0, 0.0))[1]
+            todo.extend(children.get(pid, ()))
+        out[f"cpu:{name}"] = total
+    times = os.times()
+    out["cpu:client"] = times.user + times.system
+    return out
+
+
 def per_job(before: dict, after: dict, n: int) -> dict[str, float]:
     keys = set(before) | set(after)
     delta = {k: (after.get(k, 0) - before.get(k, 0)) / n for k in keys}
@@ -87,6 +131,8 @@ def per_job(before: dict, after: dict, n: int) -> dict[str, float]:
     # 2/n: left in, the same for every mode.
     delta["redis_cmds"] = sum(v for k, v in delta.items()
                               if k.startswith("redis:"))
+    delta["cpu_ms"] = 1000 * sum(v for k, v in delta.items()
+                                 if k.startswith("cpu:"))
     return delta
 
 
@@ -133,7 +179,11 @@ def run_one(mode: str, task: str, n: int, latency_n: int,
         node = f"{mode}@bench"
         bench_app.app.control.cancel_consumer("celery", destination=[node],
                                               reply=True)
-        before = counters(store, env["BENCH_ETCD"])
+        roots = {"worker": worker.pid, **{
+            name: int(pid) for name, pid in (
+                item.split("=") for item in env["BENCH_PIDS"].split(","))}}
+        before = {**counters(store, env["BENCH_ETCD"]),
+                  **cpu_counters(roots)}
         t0 = time.perf_counter()
         results = [submit(i) for i in range(n)]
         submit_s = time.perf_counter() - t0
@@ -152,7 +202,7 @@ def run_one(mode: str, task: str, n: int, latency_n: int,
         done = sorted(datetime.fromisoformat(json.loads(m)["date_done"])
                       .timestamp() for m in metas)
         span = done[-1] - done[0]
-        after = counters(store, env["BENCH_ETCD"])
+        after = {**counters(store, env["BENCH_ETCD"]), **cpu_counters(roots)}
         return {"throughput": (n - 1) / span, "submit_rate": n / submit_s,
                 "p50": statistics.median(latencies),
                 "p99": percentile(latencies, 99),
@@ -161,6 +211,21 @@ def run_one(mode: str, task: str, n: int, latency_n: int,
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(60)
         bench_app.app.close()
+
+
+def median_runs(runs: list[dict]) -> dict:
+    """Each mode's figures: the median over the runs, plus the range of
+    its throughput ratio to plain Celery in the same round."""
+    out = {}
+    for mode in runs[0]:
+        keys = set().union(*(run[mode] for run in runs))
+        row = {key: statistics.median(run[mode].get(key, 0) for run in runs)
+               for key in keys}
+        ratios = [run[mode]["throughput"] / run["plain"]["throughput"]
+                  for run in runs]
+        row["ratio_lo"], row["ratio_hi"] = min(ratios), max(ratios)
+        out[mode] = row
+    return out
 
 
 def run_mode(mode: str, task: str, conc: int, args, env: dict) -> dict:
@@ -195,6 +260,8 @@ def main() -> None:
                         help="print Redis commands per job by name")
     parser.add_argument("--etcd-fsync", action="store_true",
                         help="run etcd with fsync (default: --unsafe-no-fsync)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per mode (round robin); medians shown")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -213,24 +280,32 @@ def main() -> None:
         etcd_server = stack.enter_context(
             EtcdServer(fsync=args.etcd_fsync))
         urls = {"redis": f"{redis_server.url}/0"}
+        pids = {"redis": redis_server.proc.pid, "etcd": etcd_server.proc.pid}
         if "rabbitmq" in brokers:
-            urls["rabbitmq"] = stack.enter_context(RabbitMQServer()).url
+            rabbit = stack.enter_context(RabbitMQServer())
+            urls["rabbitmq"] = rabbit.url
+            pids["rabbitmq"] = rabbit.proc.pid
         for broker in brokers:
             env = dict(os.environ, BENCH_BROKER=urls[broker],
                        BENCH_REDIS=f"{redis_server.url}/0",
-                       BENCH_ETCD=etcd_server.endpoint)
+                       BENCH_ETCD=etcd_server.endpoint,
+                       BENCH_PIDS=",".join(f"{k}={v}" for k, v in
+                                           pids.items()))
             for task in args.task:
                 for conc in args.concurrency:
-                    got = {mode: run_mode(mode, task, conc, args, env)
-                           for mode in modes}
-                    rows.append((broker, task, conc, got))
+                    runs = [{mode: run_mode(mode, task, conc, args, env)
+                             for mode in modes}
+                            for _ in range(args.repeat)]
+                    rows.append((broker, task, conc, median_runs(runs)))
     print(f"\n{args.tasks} tasks per run, prefork worker, Redis results, "
           f"etcd fsync={'on' if args.etcd_fsync else 'off'}; "
-          f"round trips per job over submit+run")
+          f"round trips per job over submit+run"
+          + (f"; medians of {args.repeat} runs per mode, round robin, "
+             "ratio range in brackets" if args.repeat > 1 else ""))
     header = (f"{'broker':8} {'task':5} {'procs':>5} {'mode':6} | "
               f"{'jobs/s':>7} {'ratio':>6} | {'p50':>8} {'added':>7} | "
               f"{'p99':>8} {'added':>7} | {'etcd w':>6} {'etcd r':>6} "
-              f"{'etcd calls':>10} {'redis cmds':>10}")
+              f"{'etcd calls':>10} {'redis cmds':>10} {'CPU/job':>8}")
     print(header)
     print("-" * len(header))
     for broker, task, conc, got in rows:
@@ -239,10 +314,19 @@ def main() -> None:
             print(f"{broker:8} {task:5} {conc:>5} {mode:6} | "
                   f"{r['throughput']:7.0f} "
                   f"{r['throughput'] / plain['throughput']:6.2f} | "
+                  + (f"[{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}] "
+                     if args.repeat > 1 else "") +
                   f"{r['p50']:6.2f}ms {r['p50'] - plain['p50']:5.2f}ms | "
                   f"{r['p99']:6.2f}ms {r['p99'] - plain['p99']:5.2f}ms | "
                   f"{r['etcd_writes']:6.2f} {r['etcd_reads']:6.2f} "
-                  f"{r['etcd_calls']:10.2f} {r['redis_cmds']:10.1f}")
+                  f"{r['etcd_calls']:10.2f} {r['redis_cmds']:10.1f} "
+                  f"{r['cpu_ms']:6.2f}ms")
+    print("\nCPU ms per job by process (all processes share the cores)")
+    for broker, task, conc, got in rows:
+        for mode, r in got.items():
+            print(f"{broker:8} {task:5} {conc:>5} {mode:6} | " + "  ".join(
+                f"{name[4:]} {1000 * r[name]:5.2f}" for name in sorted(r)
+                if name.startswith("cpu:")))
     if args.breakdown:
         print("\nRedis commands per job by name")
         for broker, task, conc, got in rows:
