@@ -346,21 +346,28 @@ class EtcdServer(_Process):
 class EtcdCluster:
     """Several etcd members on loopback, for leader-loss tests."""
 
+    #: First starts tried on fresh ports before giving up (see :meth:`start`).
+    START_ATTEMPTS = 3
+
     def __init__(self, size: int = 3) -> None:
-        ports = [(free_port(), free_port()) for _ in range(size)]
+        self.members = [EtcdServer(member=f"m{i}") for i in range(size)]
+        self._started = False
+        self._assign_ports()
+
+    def _assign_ports(self) -> None:
+        ports = [(free_port(), free_port()) for _ in self.members]
         initial = ",".join(f"m{i}=http://127.0.0.1:{peer}"
                            for i, (_, peer) in enumerate(ports))
-        token = f"ares-cluster-{ports[0][0]}"
-        self.members = [EtcdServer(client, peer, member=f"m{i}",
-                                   initial_cluster=initial,
-                                   cluster_token=token)
-                        for i, (client, peer) in enumerate(ports)]
+        for member, (client, peer) in zip(self.members, ports, strict=True):
+            member.client_port, member.peer_port = client, peer
+            member.initial_cluster = initial
+            member.cluster_token = f"ares-cluster-{ports[0][0]}"
 
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def _launch(self) -> None:
         for member in self.members:
             log = open(member.log, "ab")
             member.proc = subprocess.Popen(
@@ -368,8 +375,28 @@ class EtcdCluster:
                 stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=die_with_parent)
             log.close()
-        for member in self.members:
-            member.wait_healthy(timeout)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every member. A first start whose ports were taken between
+        :func:`free_port` and etcd's bind (an outgoing connection can get
+        any free port) is retried on fresh ports; a restart keeps its
+        ports, which the members' data remembers."""
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            self._launch()
+            try:
+                for member in self.members:
+                    member.wait_healthy(timeout)
+            except RuntimeError as exc:
+                if self._started or attempt == self.START_ATTEMPTS or \
+                        "address already in use" not in str(exc):
+                    raise
+                for member in self.members:
+                    member.kill()
+                    shutil.rmtree(member.workdir / "data", ignore_errors=True)
+                self._assign_ports()
+                continue
+            self._started = True
+            return
 
     def leader(self, timeout: float = 30.0) -> EtcdServer:
         """The member the running members agree is leader (waits for an
