@@ -42,6 +42,7 @@ from ares_celery.clients import etcd_grpc  # noqa: E402
 from ares_celery.exactly_once import context  # noqa: E402
 from ares_celery.exactly_once.context import JobContext  # noqa: E402
 from ares_celery.exactly_once.execution import ReadAlongside  # noqa: E402
+from ares_celery.exactly_once.published_marks import Mark  # noqa: E402
 from ares_celery.testing import EtcdServer, RedisServer  # noqa: E402
 
 
@@ -97,7 +98,8 @@ def main() -> None:
             ("client", "dedup reserve script (waited for)",
              lambda job: dedup.reserve(job, job, "calls.noop", "d")),
             ("client", "published mark, HSET (writer thread)",
-             lambda job: dedup.mark_published(job, job, "calls.noop", "d")),
+             lambda job: dedup.write_published(
+                 [Mark(job, job, "calls.noop", "d")])),
             ("worker", "lock Txn over gRPC, alone",
              lambda job: locks.acquire(job, grant, record)),
             ("worker", "committed? read (HMGET), alone", store.commit_probe),

@@ -86,10 +86,6 @@ class FencedEtcdBackend(KeyValueStoreBackend):
     def __reduce__(self, args=(), kwargs=None):
         return super().__reduce__(args, dict(kwargs or {}))
 
-    def commit_probe(self, job_id: str) -> None:
-        """None: the lock Txn reads the commit marker itself."""
-        return None
-
     def send_commit_probe(self, job_id: str) -> None:
         """None: the lock Txn reads the commit marker itself."""
         return None

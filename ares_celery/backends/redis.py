@@ -135,10 +135,8 @@ class FencedRedisBackend(RedisBackend):
 
     def commit_probe(self, job_id: str) -> CommitProbe:
         """One HMGET of the job hash's ``committed`` and ``retired``."""
-        committed, retired = self.ensure(lambda: self.client.hmget(
-            self._keys.job(job_id), "committed", "retired"), ())
-        return CommitProbe(bytes_to_str(committed) if committed else None,
-                           bool(retired))
+        return _probe(self.ensure(lambda: self.client.hmget(
+            self._keys.job(job_id), "committed", "retired"), ()))
 
     def send_commit_probe(self, job_id: str
                           ) -> Callable[[], CommitProbe] | None:
@@ -159,14 +157,12 @@ class FencedRedisBackend(RedisBackend):
 
         def answer() -> CommitProbe:
             try:
-                committed, retired = conn.read_response()
+                return _probe(conn.read_response())
             except BaseException:
                 conn.disconnect()  # a half-read reply must not be reused
                 raise
             finally:
                 pool.release(conn)
-            return CommitProbe(bytes_to_str(committed) if committed else None,
-                               bool(retired))
 
         return answer
 
@@ -272,3 +268,10 @@ class FencedRedisBackend(RedisBackend):
         finding "committed" with no result (refused while a live holder
         has the job)."""
         retire_forgotten(self.app, self, bytes_to_str(task_id))
+
+
+def _probe(reply: list) -> CommitProbe:
+    """``HMGET <job hash> committed retired`` as a :class:`CommitProbe`."""
+    committed, retired = reply
+    return CommitProbe(bytes_to_str(committed) if committed else None,
+                       bool(retired))

@@ -45,17 +45,14 @@ class FencedStore(Protocol):
     #: True when the commit marker is an etcd key the lock Txn can read.
     marker_in_etcd: ClassVar[bool]
 
-    def commit_probe(self, job_id: str) -> CommitProbe | None:
-        """What a first holder must know before its body (is the job
-        committed, was it retired), in one read; None when the store needs
-        no such read (``marker_in_etcd``)."""
-
     def send_commit_probe(self, job_id: str
                           ) -> Callable[[], CommitProbe] | None:
-        """The same read, sent now and answered by the returned call,
-        which must be made (it returns the connection): the worker sends
-        it just before the lock Txn and reads it after, so Redis answers
-        while etcd works. None if it could not be sent."""
+        """What a first holder must know before its body (is the job
+        committed, was it retired), in one read sent now and answered by
+        the returned call, which must be made (it returns the connection):
+        the worker sends it just before the lock Txn and reads it after, so
+        the store answers while etcd works. None if it could not be sent,
+        or the store needs no such read (``marker_in_etcd``)."""
 
     def register_fence(self, job_id: str, token: int,
                        first_holder: bool = False,

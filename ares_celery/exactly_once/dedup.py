@@ -164,11 +164,6 @@ class DedupStore:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    def mark_published(self, request_id: str, job_id: str, task_name: str,
-                       digest: str) -> None:
-        """Mark the reservation published, now (see :meth:`mark_later`)."""
-        self.write_published([Mark(request_id, job_id, task_name, digest)])
-
     def mark_later(self, request_id: str, job_id: str, task_name: str,
                    digest: str) -> None:
         """Mark the reservation published from the writer thread

@@ -108,12 +108,11 @@ class JobRuntime:
             # Whether the job is committed is asked just before the lock
             # Txn and read after it: a first holder then needs no round
             # trip of its own.
-            read = None if store.marker_in_etcd else \
-                ReadAlongside(store, job_id)
+            read = ReadAlongside(store, job_id)
             try:
                 outcome = services.locks.acquire(job_id, grant, message)
             finally:
-                probe = read.finish() if read is not None else None
+                probe = read.finish()
             acquired_at = time.time()
         except ServiceUnavailable as exc:
             count_job_lock("unavailable")

@@ -104,6 +104,12 @@ class _Process:
 
     def start(self, timeout: float | None = None) -> None:
         self._prepare()
+        self.spawn()
+        self.wait_healthy(timeout)
+
+    def spawn(self) -> None:
+        """Launch the server, not waiting for it (a cluster launches every
+        member before any can be healthy)."""
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             self._command(), stdout=log, stderr=subprocess.STDOUT,
@@ -111,7 +117,6 @@ class _Process:
             env=self._environment(), start_new_session=True,
             preexec_fn=die_with_parent)
         log.close()
-        self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float | None = None) -> None:
         wait_until(self.healthy, timeout or self.start_timeout,
@@ -367,22 +372,14 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
-    def _launch(self) -> None:
-        for member in self.members:
-            log = open(member.log, "ab")
-            member.proc = subprocess.Popen(
-                member._command(), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=die_with_parent)
-            log.close()
-
     def start(self, timeout: float = 60.0) -> None:
         """Start every member. A first start whose ports were taken between
         :func:`free_port` and etcd's bind (an outgoing connection can get
         any free port) is retried on fresh ports; a restart keeps its
         ports, which the members' data remembers."""
         for attempt in range(1, self.START_ATTEMPTS + 1):
-            self._launch()
+            for member in self.members:
+                member.spawn()
             try:
                 for member in self.members:
                     member.wait_healthy(timeout)
