@@ -161,6 +161,10 @@ class JobLocks:
         self._guarded: dict[str, dict] = {}
         self._releaser: threading.Thread | None = None
         self._releaser_guard = threading.Lock()
+        # Held from taking a batch of committed jobs to its delete being
+        # answered, so flush() cannot return while the background thread
+        # still has a batch in flight (taken, not yet deleted).
+        self._deleting = threading.Lock()
 
     def records_lease(self) -> int:
         """The lease job records and released keys are put on: one per
@@ -325,11 +329,10 @@ class JobLocks:
             time.sleep(max(0.0, youngest + COMMITTED_KEYS_KEPT_S
                            - time.monotonic()))
         while True:
-            batch = self._take_pending(RELEASE_BATCH)
-            if not batch:
-                return
-            if not self._delete_batch(batch):
-                return
+            with self._deleting:
+                batch = self._take_pending(RELEASE_BATCH)
+                if not batch or not self._delete_batch(batch):
+                    return
 
     def _is_pending(self, job_id: str) -> bool:
         with self._pending_guard:
@@ -386,10 +389,11 @@ class JobLocks:
     def _release_loop(self) -> None:
         while True:
             time.sleep(RELEASE_IDLE_S)
-            batch = self._take_pending(
-                RELEASE_BATCH,
-                older_than=time.monotonic() - COMMITTED_KEYS_KEPT_S)
-            if batch:
-                self._delete_batch(batch)
+            with self._deleting:
+                batch = self._take_pending(
+                    RELEASE_BATCH,
+                    older_than=time.monotonic() - COMMITTED_KEYS_KEPT_S)
+                if batch:
+                    self._delete_batch(batch)
             if self._guarded:
                 self._retry_releases()
