@@ -43,12 +43,26 @@ class RabbitMQServer(_Process):
                  config: str = "") -> None:
         super().__init__(workdir)
         self.binary = _rabbitmq_binary("rabbitmq-server")
+        self._own_port = port is None
         self.port = port or free_port()
+        self._assign_ports()
+        self.extra_config = config
+        self._epmd: subprocess.Popen | None = None
+
+    def _assign_ports(self) -> None:
         self.dist_port = free_port()
         self.epmd_port = free_port()
         self.node = f"ares{self.port}@localhost"
-        self.extra_config = config
-        self._epmd: subprocess.Popen | None = None
+
+    def _fresh_ports(self) -> bool:
+        if not self._own_port:
+            return False
+        self.kill()
+        self._stop_epmd()
+        shutil.rmtree(self.workdir / "mnesia", ignore_errors=True)
+        self.port = free_port()
+        self._assign_ports()
+        return True
 
     @property
     def url(self) -> str:
@@ -142,10 +156,13 @@ class RabbitMQServer(_Process):
                 pass
             self.proc.wait()
 
-    def cleanup(self) -> None:
-        self.stop()
+    def _stop_epmd(self) -> None:
         if self._epmd is not None and self._epmd.poll() is None:
             self._epmd.kill()
             self._epmd.wait()
+
+    def cleanup(self) -> None:
+        self.stop()
+        self._stop_epmd()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -56,6 +56,13 @@ def wait_until(check, timeout: float, what: str,
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{tail}")
 
 
+def port_was_taken(exc: Exception) -> bool:
+    """Whether a server that exited while starting (``exc`` carries its
+    log's tail) could not bind its port."""
+    text = str(exc).lower()
+    return "address already in use" in text or "eaddrinuse" in text
+
+
 def die_with_parent() -> None:
     """In the child before exec: get SIGKILL when the process that started
     us dies, so a test run that is killed leaves no servers behind."""
@@ -102,10 +109,33 @@ class _Process:
         """The server's environment (None: ours)."""
         return None
 
+    #: First starts tried on fresh ports before giving up (see :meth:`start`).
+    START_ATTEMPTS = 3
+    _started = False
+
     def start(self, timeout: float | None = None) -> None:
-        self._prepare()
-        self.spawn()
-        self.wait_healthy(timeout)
+        """Start the server and wait until it serves. A first start whose
+        port another process took between :func:`free_port` and the
+        server's bind (an outgoing connection can get any free port) is
+        retried on fresh ports, if this server chose them; a restart keeps
+        its ports, which clients (and an etcd member's data) remember."""
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            self._prepare()
+            self.spawn()
+            try:
+                self.wait_healthy(timeout)
+            except RuntimeError as exc:
+                if self._started or attempt == self.START_ATTEMPTS or \
+                        not port_was_taken(exc) or not self._fresh_ports():
+                    raise
+                continue
+            self._started = True
+            return
+
+    def _fresh_ports(self) -> bool:
+        """Pick new ports after a first start lost one; False where the
+        caller chose them (nothing to do but fail)."""
+        return False
 
     def spawn(self) -> None:
         """Launch the server, not waiting for it (a cluster launches every
@@ -188,12 +218,18 @@ class RedisServer(_Process):
                  extra_args: list[str] | None = None) -> None:
         super().__init__(workdir)
         self.binary = _require_binary("redis-server", "redis-server")
+        self._own_port = port is None
         self.port = port or free_port()
         self.password = password
         self.persist = persist
         self.username = username
         self.tls = tls
         self.extra_args = list(extra_args or [])
+
+    def _fresh_ports(self) -> bool:
+        if self._own_port:
+            self.port = free_port()
+        return self._own_port
 
     @property
     def url(self) -> str:
@@ -254,6 +290,9 @@ class EtcdServer(_Process):
                  cluster_token: str | None = None) -> None:
         super().__init__(workdir)
         self.binary = _require_binary("etcd", "etcd-server")
+        # A cluster member's ports are the cluster's to change.
+        self._own_ports = client_port is None and peer_port is None and \
+            initial_cluster is None and cluster_token is None
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.member = member
@@ -262,6 +301,15 @@ class EtcdServer(_Process):
         self.cluster_token = cluster_token or f"ares-{self.client_port}"
         self.tls = tls
         self.extra_args = list(extra_args or [])
+
+    def _fresh_ports(self) -> bool:
+        if not self._own_ports:
+            return False
+        self.kill()
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.cluster_token = f"ares-{self.client_port}"
+        return True
 
     @property
     def endpoint(self) -> str:
@@ -385,7 +433,7 @@ class EtcdCluster:
                     member.wait_healthy(timeout)
             except RuntimeError as exc:
                 if self._started or attempt == self.START_ATTEMPTS or \
-                        "address already in use" not in str(exc):
+                        not port_was_taken(exc):
                     raise
                 for member in self.members:
                     member.kill()
