@@ -8,17 +8,20 @@ reader already handles: a duplicate submission waits for the mark (as it
 waits for a client between reserve and publish), and if the mark never
 lands (the process is killed, Redis is away) the claim goes stale and a
 retry publishes the job again, a copy layers 2 and 3 skip. Marks still
-queued when the interpreter exits are written first (``atexit``).
+queued when the process ends are written first: at interpreter exit, and
+in a ``multiprocessing`` or billiard child (a prefork pool process that
+submits from a task), which ends with ``os._exit`` and so skips
+``atexit``, from its exit finalizers.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.util import Finalize
 
 logger = logging.getLogger("ares_celery.submission")
 
@@ -56,7 +59,11 @@ class PublishedMarks:
                 self._writer = threading.Thread(
                     target=self._run, daemon=True, name="ares-published-marks")
                 self._writer.start()
-                atexit.register(self.flush)
+                # Run by multiprocessing's exit function: registered with
+                # atexit in a plain process, called before os._exit in a
+                # multiprocessing or billiard child (billiard shares
+                # multiprocessing.util's registry).
+                Finalize(None, self.flush, exitpriority=10)
 
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
         """Wait until every mark queued so far is written (or failed);

@@ -1,12 +1,17 @@
 """The writer thread that marks reservations published (issue 14): every
 queued mark is written, piled-up marks go in one write, a failing write
-loses nothing but the marks themselves, and a forked child never waits for
-its parent's marks."""
+loses nothing but the marks themselves, a forked child never waits for
+its parent's marks, and a pool child writes its own before it ends."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
+import time
+
+import billiard
+import pytest
 
 from ares_celery.exactly_once import published_marks
 from ares_celery.exactly_once.published_marks import Mark, PublishedMarks
@@ -79,3 +84,29 @@ def test_a_forked_child_does_not_wait_for_its_parents_marks():
     blocked.set()
     assert os.waitstatus_to_exitcode(status) == 0
     assert marks.flush(5)
+
+
+def submit_and_return(path: str) -> None:
+    """A child that queues a mark and ends at once: its writer thread is
+    still in the (slow) write when the child exits."""
+    def slow_write(batch):
+        time.sleep(0.3)
+        with open(path, "a") as out:
+            out.writelines(f"{m.request_id}\n" for m in batch)
+
+    PublishedMarks(slow_write).add(mark(7))
+
+
+@pytest.mark.parametrize("context", [
+    multiprocessing.get_context("fork"), billiard.get_context("fork")],
+    ids=["multiprocessing", "billiard"])
+def test_a_pool_child_that_ends_at_once_still_writes_its_marks(
+        context, tmp_path):
+    """multiprocessing and billiard children end with os._exit, which skips
+    atexit: without the exit finalizer the mark would be lost."""
+    written = tmp_path / "marks"
+    child = context.Process(target=submit_and_return, args=(str(written),))
+    child.start()
+    child.join(20)
+    assert child.exitcode == 0
+    assert written.read_text() == "rid-7\n"
