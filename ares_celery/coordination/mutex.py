@@ -154,11 +154,13 @@ class JobLocks:
         # lock, record and released key are deleted lazily.
         self._pending: dict[str, float] = {}
         self._pending_guard = threading.Lock()
-        # Lock key -> the compare that proves the lock is still ours, for
+        # (lock key, the compare that proves the lock is still ours) for
         # deletes etcd did not answer (a release: our token; a lock Txn whose
-        # reply was lost: our value). Retried in the background. Unlike
-        # _pending these jobs are NOT committed.
-        self._guarded: dict[str, dict] = {}
+        # reply was lost: our value). Retried in the background. One key can
+        # have several (two lock Txns in a row whose replies were lost: only
+        # the first may have landed, and its value must still be deleted).
+        # Unlike _pending these jobs are NOT committed.
+        self._guarded: list[tuple[str, dict]] = []
         self._releaser: threading.Thread | None = None
         self._releaser_guard = threading.Lock()
         # Held from taking a batch of committed jobs to its delete being
@@ -288,7 +290,7 @@ class JobLocks:
 
     def _delete_later(self, key: str, compare: dict) -> None:
         with self._pending_guard:
-            self._guarded[key] = compare
+            self._guarded.append((key, compare))
         self._ensure_releaser()
 
     def discard_after_commit(self, job_id: str) -> None:
@@ -373,7 +375,7 @@ class JobLocks:
         """Guarded deletes etcd did not answer before: only a lock that is
         still ours (same token, or exactly our value) goes."""
         with self._pending_guard:
-            todo = list(self._guarded.items())
+            todo = list(self._guarded)
         for key, compare in todo:
             try:
                 result = self._etcd.txn(compare=[compare],
@@ -381,8 +383,7 @@ class JobLocks:
             except ServiceUnavailable:
                 return  # still away: next round
             with self._pending_guard:
-                if self._guarded.get(key) is compare:
-                    del self._guarded[key]
+                self._guarded.remove((key, compare))
             if result.succeeded:
                 logger.info("ares: released %s after etcd returned", key)
 

@@ -70,6 +70,35 @@ def test_lock_txn_applied_but_reply_lost_is_cleaned_up(etcd, monkeypatch):
         keeper.close()
 
 
+def test_two_lost_replies_in_a_row_both_get_cleaned_up(etcd, monkeypatch):
+    """The first Txn applies and its reply is lost, the retry fails too
+    (etcd still restarting): the second guarded delete (compare: the
+    retry's value, which never landed) must not replace the first one's
+    (compare: the value that did land). CI's RabbitMQ chaos run lost a job
+    to exactly this, its lock held for good by a live pool process."""
+    keeper = Session(etcd, 30)
+    locks = JobLocks(etcd, Keys("ares"), check_done_marker=False)
+    try:
+        grant = keeper.current()
+        real_txn = etcd.txn
+
+        def applied_then_lost(*args, **kwargs):
+            real_txn(*args, **kwargs)
+            raise ServiceUnavailable("connection reset after sending")
+
+        monkeypatch.setattr(etcd, "txn", applied_then_lost)
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailable):
+                locks.acquire("twice-lost-job", grant)
+        monkeypatch.undo()
+        assert etcd.get(KEYS.lock("twice-lost-job")) is not None
+        wait_for(lambda: etcd.get(KEYS.lock("twice-lost-job")) is None, 15,
+                 "the lock of the first lost reply to be deleted")
+        assert locks.acquire("twice-lost-job", grant).status == "acquired"
+    finally:
+        keeper.close()
+
+
 def test_attempts_count_holders_that_did_not_give_the_job_back(etcd):
     """The lock Txn counts holders (job record version) and deliberate
     releases (released key version): a holder whose lease just ended is an
