@@ -330,11 +330,8 @@ class JobLocks:
         if youngest is not None:
             time.sleep(max(0.0, youngest + COMMITTED_KEYS_KEPT_S
                            - time.monotonic()))
-        while True:
-            with self._deleting:
-                batch = self._take_pending(RELEASE_BATCH)
-                if not batch or not self._delete_batch(batch):
-                    return
+        while self._delete_committed():
+            pass
 
     def _is_pending(self, job_id: str) -> bool:
         with self._pending_guard:
@@ -359,6 +356,14 @@ class JobLocks:
         with self._pending_guard:
             for key in keys:
                 self._pending.setdefault(key, now)
+
+    def _delete_committed(self, older_than: float | None = None) -> bool:
+        """Delete one batch of committed jobs' keys (those committed no
+        later than ``older_than``); False if there were none or etcd did
+        not answer. Taken and deleted under ``_deleting``."""
+        with self._deleting:
+            batch = self._take_pending(RELEASE_BATCH, older_than=older_than)
+            return bool(batch) and self._delete_batch(batch)
 
     def _delete_batch(self, jobs: list[str]) -> bool:
         try:
@@ -390,11 +395,7 @@ class JobLocks:
     def _release_loop(self) -> None:
         while True:
             time.sleep(RELEASE_IDLE_S)
-            with self._deleting:
-                batch = self._take_pending(
-                    RELEASE_BATCH,
-                    older_than=time.monotonic() - COMMITTED_KEYS_KEPT_S)
-                if batch:
-                    self._delete_batch(batch)
+            self._delete_committed(
+                older_than=time.monotonic() - COMMITTED_KEYS_KEPT_S)
             if self._guarded:
                 self._retry_releases()

@@ -302,11 +302,16 @@ class EtcdServer(_Process):
         self.tls = tls
         self.extra_args = list(extra_args or [])
 
+    def discard_failed_start(self) -> None:
+        """After a first start that lost its port: nothing to keep (the
+        data would remember the old ports)."""
+        self.kill()
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)
+
     def _fresh_ports(self) -> bool:
         if not self._own_ports:
             return False
-        self.kill()
-        shutil.rmtree(self.workdir / "data", ignore_errors=True)
+        self.discard_failed_start()
         self.client_port, self.peer_port = free_port(), free_port()
         self.cluster_token = f"ares-{self.client_port}"
         return True
@@ -399,8 +404,7 @@ class EtcdServer(_Process):
 class EtcdCluster:
     """Several etcd members on loopback, for leader-loss tests."""
 
-    #: First starts tried on fresh ports before giving up (see :meth:`start`).
-    START_ATTEMPTS = 3
+    START_ATTEMPTS = _Process.START_ATTEMPTS
 
     def __init__(self, size: int = 3) -> None:
         self.members = [EtcdServer(member=f"m{i}") for i in range(size)]
@@ -436,8 +440,7 @@ class EtcdCluster:
                         not port_was_taken(exc):
                     raise
                 for member in self.members:
-                    member.kill()
-                    shutil.rmtree(member.workdir / "data", ignore_errors=True)
+                    member.discard_failed_start()
                 self._assign_ports()
                 continue
             self._started = True
