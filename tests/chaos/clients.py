@@ -3,9 +3,11 @@ request id) on any service trouble, as a real client would."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -15,6 +17,9 @@ def client_main(env: dict, items: list, pause: float, seed: int,
     """Submit each ``(request id, task, args)`` item, then write what came
     back to ``out`` for the audit."""
     os.environ.update(env)
+    # The driver sends SIGUSR1 to a client that has not finished in time:
+    # its threads' stacks go to the driver's stderr (the chaos test's output).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from ares_celery.errors import AresError, RequestIdConflict
     from tests.chaos import app as chaos
 

@@ -21,11 +21,13 @@ both believed their lease valid. It also counts re-executions per fault.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -309,8 +311,7 @@ class ChaosRun:
                 print(f"chaos: {time.monotonic() - began:6.1f}s "
                       f"{self._done():>5} done  {name}: {record.detail}",
                       flush=True)
-            for proc, _ in clients:
-                proc.join(cfg.deadline)
+            self._join_clients([proc for proc, _ in clients])
             self._wait_committed(requests)
             self.report.elapsed = time.monotonic() - began
             audit_run(self, requests, [out for _, out in clients])
@@ -327,6 +328,25 @@ class ChaosRun:
             self.effects_server.cleanup()
             self.etcd.cleanup()
         return self.report
+
+    def _join_clients(self, clients: list) -> None:
+        """Wait for the clients, supervising the workers meanwhile: a
+        client's GPU submissions need a registered host, so with every
+        worker down (kombu can end them all at a Redis restart) the clients
+        would retry for ever. A client still running after the deadline is
+        a liveness failure: its stacks are dumped (SIGUSR1, see
+        :mod:`tests.chaos.clients`) so the report says where it hung."""
+        try:
+            self._wait(lambda: not any(p.is_alive() for p in clients),
+                       self.config.deadline, "the clients to finish")
+        except TimeoutError:
+            for n, proc in enumerate(clients):
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGUSR1)
+                    proc.join(2)
+                    self.report.violations.append(
+                        f"stalled: client {n} still submitting after "
+                        f"{self.config.deadline:.0f}s (stacks on stderr)")
 
     def _wait_inventory(self) -> None:
         from ares_celery.gpu.inventory import InventoryCache
@@ -394,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                         default="redis")
     parser.add_argument("--report-json", type=Path,
                         help="also write the report's figures here")
+    parser.add_argument("--dump-stacks-after", type=float, default=720,
+                        help="print every thread's stack if the run is "
+                        "still going after this many seconds (a hang)")
     args = parser.parse_args(argv)
+    faulthandler.dump_traceback_later(args.dump_stacks_after, exit=False)
     report = run_chaos(ChaosConfig(jobs=args.jobs, seed=args.seed,
                                    extra_faults=args.extra_faults,
                                    clients=args.clients,

@@ -21,6 +21,12 @@ from tests.processes import ROOT
 pytestmark = [pytest.mark.fault, pytest.mark.chaos, pytest.mark.timeout(900)]
 
 
+def _text(output: bytes | str | None) -> str:
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_randomized_faults_every_request_commits_exactly_once(
         tmp_path, capsys, broker):
@@ -30,8 +36,14 @@ def test_randomized_faults_every_request_commits_exactly_once(
            "--broker", broker, "--report-json", str(out)]
     if os.environ.get("ARES_CHAOS_SEED"):
         cmd += ["--seed", os.environ["ARES_CHAOS_SEED"]]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          timeout=840)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              timeout=840)
+    except subprocess.TimeoutExpired as exc:
+        # The driver dumped its stacks at 720 s (--dump-stacks-after):
+        # show them and the progress lines instead of only the timeout.
+        pytest.fail("chaos driver hung:\n" + _text(exc.stdout)[-6000:] +
+                    "\n" + _text(exc.stderr)[-12000:], pytrace=False)
     with capsys.disabled():
         print("\n" + proc.stdout[-6000:])
     assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
