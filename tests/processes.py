@@ -114,7 +114,7 @@ class WorkerProcess:
 
     def supervise(self) -> Supervisor:
         """Restart the worker whenever it exits, as systemd's
-        ``Restart=always`` would (kombu 5.7 can end a worker whose broker
+        ``Restart=always`` would (Celery 5.7.0 can end a worker whose broker
         connection drops while it holds unacked messages)."""
         return Supervisor(self)
 

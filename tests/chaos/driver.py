@@ -242,9 +242,9 @@ class ChaosRun:
 
     def _supervise(self) -> None:
         """Restart a worker that exited on its own, as systemd or Kubernetes
-        would. (kombu 5.7's Redis transport can kill the worker with an
+        would (a Celery 5.7.0 worker on Redis exits with an
         AttributeError when the broker connection drops while it holds
-        unacked messages; the report counts these.)"""
+        unacked messages; the report counts these)."""
         for index, worker in enumerate(self.workers):
             if worker.proc is not None and worker.proc.poll() is not None:
                 self.report.worker_exits += 1
