@@ -36,7 +36,7 @@ from .store import CommitProbe
 BACKEND_PATH = "ares_celery.backends.redis:FencedRedisBackend"
 
 _COMMIT = """
-local marker = redis.call('HMGET', KEYS[2], 'fence', 'committed')
+local marker = redis.call('HMGET', KEYS[2], 'fence', 'committed', 'commits')
 local token = tonumber(ARGV[3])
 if token > 0 then
   -- No fence: only a first holder ran the job (a later one raises it).
@@ -66,13 +66,16 @@ else
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
+  -- 'commits' counts accepted commits (an audit: it must stay 1); it is
+  -- read with the fence above and written with the marker, no HINCRBY.
+  local commits = tonumber(marker[3] or '0') + 1
   if ARGV[8] ~= '' then
     redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6],
-               'request', ARGV[8])
+               'commits', commits, 'request', ARGV[8])
   else
-    redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6])
+    redis.call('HSET', KEYS[2], 'committed', ARGV[3], 'state', ARGV[6],
+               'commits', commits)
   end
-  redis.call('HINCRBY', KEYS[2], 'commits', 1)
   if ttl > 0 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
 end
 return {1, 'ok', ARGV[3]}

@@ -57,6 +57,22 @@ def test_redis_commit_is_write_once_and_fenced(jobs, store):
     assert backend.register_fence("job-1", 11) == "10"  # committed: skip
 
 
+def test_redis_commit_counter_counts_every_accepted_commit(jobs, store):
+    """``commits`` is the audit the chaos run and the fault tests read (it
+    must be 1): it is read with the fence and written with the marker in
+    one HSET, so it must still count a second accepted commit, here forced
+    by deleting the marker behind the backend's back."""
+    app, _ = jobs.make_app("fence-count")
+    backend = app.backend
+    as_holder("job-c", 5)
+    backend.store_result("job-c", "first", "SUCCESS")
+    assert store.hget(KEYS.job("job-c"), "commits") == b"1"
+    store.hdel(KEYS.job("job-c"), "committed")
+    backend.store_result("job-c", "second", "SUCCESS")
+    context.unregister("job-c")
+    assert store.hget(KEYS.job("job-c"), "commits") == b"2"
+
+
 def test_redis_first_holder_needs_no_fence_and_stays_fenceable(jobs, store):
     """Lever 1 of issue 14: a first holder only asks "committed?" (no
     fence written), its commit is accepted with no fence recorded, and a
