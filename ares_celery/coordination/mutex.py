@@ -39,8 +39,11 @@ from .session import LeaseGrant
 logger = logging.getLogger(__name__)
 
 #: Locks of committed jobs are deleted with a later lock Txn, at most this
-#: many at a time, or by a background thread (it looks this often).
-RELEASE_BATCH = 64
+#: many at a time, or by a background thread (it looks this often). Each
+#: job is 3 deletes, and a Txn may hold at most etcd's ``--max-txn-ops``
+#: operations per branch (128 by default; more is refused with
+#: INVALID_ARGUMENT): 32 jobs are 96, plus the lock Txn's own 4.
+RELEASE_BATCH = 32
 RELEASE_IDLE_S = 0.5
 
 #: A committed job's lock and record are kept at least this long after its

@@ -4,10 +4,11 @@ must not leave the job locked for as long as the worker process lives."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from ares_celery.coordination.mutex import JobLocks
+from ares_celery.coordination.mutex import COMMITTED_KEYS_KEPT_S, JobLocks
 from ares_celery.coordination.session import LeaseGrant, Session
 from ares_celery.errors import ServiceUnavailable
 from ares_celery.keys import Keys
@@ -138,6 +139,31 @@ def test_a_committed_job_leaves_no_keys_behind(etcd):
     for key in (KEYS.lock("clean-job"), KEYS.job_record("clean-job"),
                 KEYS.released("clean-job")):
         assert etcd.get(key) is None, key
+
+
+def test_a_burst_of_committed_jobs_is_deleted_within_etcds_txn_limit(etcd):
+    """A pool process that commits a burst (a no-op benchmark: ~100 jobs
+    in the 0.5 s its committed keys are kept) queues more deletes than one
+    etcd Txn may carry (``--max-txn-ops``, 128 by default; 3 keys per job).
+    Every batch, in the next lock Txn and at shutdown, must fit: a Txn
+    over the limit is refused with INVALID_ARGUMENT, which failed the lock
+    and lost the batch."""
+    locks = JobLocks(etcd, KEYS)
+    lease = etcd.grant_lease(30)
+    burst = [f"burst-{n}" for n in range(100)]
+    for job in burst:
+        locks.acquire(job, LeaseGrant(lease, 1), json.dumps({"task": "t"}))
+        locks.discard_after_commit(job)
+    # Until they are COMMITTED_KEYS_KEPT_S old no Txn takes them: wait
+    # for that timer, then the next lock Txn takes a full batch.
+    time.sleep(COMMITTED_KEYS_KEPT_S)
+    after = locks.acquire("after-burst", LeaseGrant(lease, 1),
+                          json.dumps({"task": "t"}))
+    assert after.status == "acquired"
+    locks.flush()
+    left = [job for job in burst if etcd.get(KEYS.lock(job)) is not None
+            or etcd.get(KEYS.job_record(job)) is not None]
+    assert left == []
 
 
 def test_only_the_txn_that_creates_the_job_record_is_a_first_holder(etcd):
