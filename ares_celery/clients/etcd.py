@@ -144,6 +144,13 @@ def cmp_value(key: str, value: str | bytes) -> dict[str, Any]:
             "value": b64(value)}
 
 
+#: etcd refuses a Txn with more operations than this in one branch
+#: (``--max-txn-ops``, 128 by default) with INVALID_ARGUMENT; writers whose
+#: op count grows with load (committed jobs' deletes, a worker's held
+#: messages) stay within it.
+MAX_TXN_OPS = 128
+
+
 def op_put(key: str, value: str | bytes, lease: int = 0,
            prev_kv: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"key": b64(key), "value": b64(value)}

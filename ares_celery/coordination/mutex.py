@@ -40,9 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Locks of committed jobs are deleted with a later lock Txn, at most this
 #: many at a time, or by a background thread (it looks this often). Each
-#: job is 3 deletes, and a Txn may hold at most etcd's ``--max-txn-ops``
-#: operations per branch (128 by default; more is refused with
-#: INVALID_ARGUMENT): 32 jobs are 96, plus the lock Txn's own 4.
+#: job is 3 deletes: 32 jobs are 96, plus the lock Txn's own 4, within
+#: ``MAX_TXN_OPS`` (64 jobs were refused with INVALID_ARGUMENT).
 RELEASE_BATCH = 32
 RELEASE_IDLE_S = 0.5
 

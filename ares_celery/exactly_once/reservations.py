@@ -44,7 +44,7 @@ from typing import Any
 
 from celery import Celery
 
-from ..clients.etcd import op_delete, op_put
+from ..clients.etcd import MAX_TXN_OPS, op_delete, op_put
 from ..errors import ServiceUnavailable
 from ..services import Services
 from .messages import encode_message, publish_message, reserved_message
@@ -175,6 +175,11 @@ class ReservationTracker:
             except ServiceUnavailable as exc:
                 logger.debug("ares: reservations not synced: %s", exc)
                 self._stop.wait(SYNC_INTERVAL_S)
+            except Exception:  # noqa: BLE001 - the thread must live on
+                # A dead tracker records nothing the worker holds from then
+                # on, silently: log it and try again with the next sync.
+                logger.exception("ares: reservations not synced")
+                self._stop.wait(SYNC_INTERVAL_S)
 
     def _republish_dropped(self) -> None:
         ripe_before = time.monotonic() - DROP_GRACE_S
@@ -246,7 +251,12 @@ class ReservationTracker:
                           if job_id in desired}
         if not ops:
             return
-        self._services.etcd.txn(compare=[], success=ops)
+        # A worker can hold hundreds of messages (ETA/countdown ones wait
+        # in its timer): one Txn each MAX_TXN_OPS, the presence key in the
+        # first. If a later one fails, the next sync writes them all again.
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            self._services.etcd.txn(compare=[],
+                                    success=ops[start:start + MAX_TXN_OPS])
         if any("request_put" in op for op in ops):
             self._present = lease
         self._written = {job_id: lease for job_id in desired
