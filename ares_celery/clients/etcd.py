@@ -485,7 +485,23 @@ class EtcdGateway:
             raise ServiceUnavailable(unreachable_message(
                 [Failure(f"{host}:{port}", reason, kind)], self.timeout,
                 what="etcd watch unavailable")) from exc
-        return WatchStream(session, response)
+        return WatchStream(session, response, self._preferred)
+
+    def answers(self, endpoint: int, key: str) -> bool:
+        """Does the endpoint at index ``endpoint`` serve a linearizable
+        read of ``key`` within the timeout? A member that is stopped (a
+        paused VM) or cut off from the quorum keeps a watch stream open and
+        silent; only a question shows it. No failover: it is this
+        endpoint that is asked about."""
+        client = self._client(endpoint)
+        token = self.tokens.current()
+        try:
+            client.post(client.get_url("/kv/range"),
+                        data=json.dumps({"key": b64(key), "count_only": True}),
+                        headers={"Authorization": token} if token else {})
+        except (*_TRANSIENT, etcd_exc.Etcd3Exception):
+            return False
+        return True
 
     def count_prefix(self, prefix: str) -> int:
         resp = self._post("/kv/range", {
@@ -543,9 +559,11 @@ class WatchStream:
     from any thread to stop the reader."""
 
     def __init__(self, session: requests.Session,
-                 response: requests.Response) -> None:
+                 response: requests.Response, endpoint: int = 0) -> None:
         self._session = session
         self._response = response
+        #: Index of the endpoint serving the stream (see ``answers``).
+        self.endpoint = endpoint
 
     def __enter__(self) -> WatchStream:
         return self

@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 RESTART_PAUSE_S = 0.1
 RESTART_PAUSE_MAX_S = 5.0
 
+#: While a stream is open, its endpoint is asked this often for a
+#: linearizable read. A member that is stopped or cut off from the quorum
+#: keeps the stream open and silent (no error, no events, for ever); one
+#: that does not answer has its stream closed, and the watch lists and
+#: follows again from an endpoint that answers.
+PROBE_EVERY_S = 5.0
+
 
 class PrefixWatch:
     """Keep ``on_snapshot`` / ``on_events`` fed with the state of a prefix.
@@ -110,12 +117,45 @@ class PrefixWatch:
             self._stream = stream
             if self._stop.is_set():
                 return
-            for batch in stream:
-                if self._stop.is_set():
-                    return
-                if batch.restart:
-                    return  # compacted or canceled: relist
-                self._on_events(batch.events)
-                self.revision = max(self.revision,
-                                    *(e.kv.mod_revision for e in batch.events))
+            probe = StreamProbe(self._etcd, stream, self.prefix, self._name)
+            try:
+                for batch in stream:
+                    if self._stop.is_set():
+                        return
+                    if batch.restart:
+                        return  # compacted or canceled: relist
+                    self._on_events(batch.events)
+                    self.revision = max(
+                        self.revision,
+                        *(e.kv.mod_revision for e in batch.events))
+            finally:
+                probe.stop()
         raise ServiceUnavailable(f"watch stream of {self.prefix} ended")
+
+
+class StreamProbe:
+    """Asks a watch stream's endpoint a question every ``PROBE_EVERY_S``
+    and closes the stream when it gets no answer (see ``PROBE_EVERY_S``)."""
+
+    def __init__(self, etcd: EtcdGateway, stream: WatchStream, key: str,
+                 name: str) -> None:
+        self._etcd = etcd
+        self._stream = stream
+        self._key = key
+        self._done = threading.Event()
+        threading.Thread(target=self._run, daemon=True,
+                         name=f"{name}-probe").start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(PROBE_EVERY_S):
+            if not self._etcd.answers(self._stream.endpoint, self._key) \
+                    and not self._done.is_set():
+                logger.warning(
+                    "ares: the etcd endpoint serving the watch of %s did not "
+                    "answer within %ss; following from another one",
+                    self._key, self._etcd.timeout)
+                self._stream.close()
+                return
