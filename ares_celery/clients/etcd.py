@@ -492,15 +492,18 @@ class EtcdGateway:
         read of ``key`` within the timeout? A member that is stopped (a
         paused VM) or cut off from the quorum keeps a watch stream open and
         silent; only a question shows it. No failover: it is this
-        endpoint that is asked about."""
+        endpoint that is asked about. A refusal (an expired auth token) is
+        an answer too; "cannot serve now" (no leader, timed out) is not."""
         client = self._client(endpoint)
         token = self.tokens.current()
         try:
             client.post(client.get_url("/kv/range"),
                         data=json.dumps({"key": b64(key), "count_only": True}),
                         headers={"Authorization": token} if token else {})
-        except (*_TRANSIENT, etcd_exc.Etcd3Exception):
+        except _TRANSIENT:
             return False
+        except etcd_exc.Etcd3Exception as exc:
+            return not _transient(exc, _detail(exc))
         return True
 
     def count_prefix(self, prefix: str) -> int:

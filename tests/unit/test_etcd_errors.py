@@ -142,6 +142,26 @@ def test_a_watch_that_cannot_open_says_why(closed_port):
     assert "ares_etcd_endpoints" in message
 
 
+def test_a_member_answers_only_if_it_serves_or_refuses(
+        closed_port, silent_port, not_etcd_port, monkeypatch):
+    """The watch probe's question (``PROBE_EVERY_S``): a member that does
+    not answer, or answers "cannot serve now", gets its stream closed; one
+    that refuses (an expired auth token) is alive and keeps it."""
+    gateway = EtcdGateway([f"127.0.0.1:{closed_port}",
+                           f"127.0.0.1:{silent_port}",
+                           f"127.0.0.1:{not_etcd_port}"], timeout=0.2)
+    assert not gateway.answers(0, "/ares/")   # nothing listening
+    assert not gateway.answers(1, "/ares/")   # a hung member
+    assert not gateway.answers(2, "/ares/")   # the gateway not ready (404)
+
+    def refuse(self, url, **kwargs):
+        detail = '{"error":"etcdserver: invalid auth token"}'
+        raise etcd_exc.Etcd3Exception(detail, "Unauthorized")
+
+    monkeypatch.setattr(type(gateway._client(0)), "post", refuse)
+    assert gateway.answers(0, "/ares/")
+
+
 # -- ares_etcd_endpoints: what is accepted, and what is said otherwise ----
 
 
