@@ -385,16 +385,13 @@ class EtcdGateway:
     def _post_any(self, path: str, body: dict[str, Any],
                   token: str | None) -> dict[str, Any]:
         """POST to the preferred endpoint, failing over to the others."""
-        headers = {"Authorization": token} if token else {}
         failures = []
         count = len(self.endpoints)
         start = self._preferred
         for step in range(count):
             index = (start + step) % count
-            client = self._client(index)
             try:
-                result = client.post(client.get_url(path),
-                                     data=json.dumps(body), headers=headers)
+                result = self._post_one(index, path, body, token)
             except _TRANSIENT as exc:
                 failures.append(self._failure(index, exc))
                 continue
@@ -413,6 +410,12 @@ class EtcdGateway:
             return result
         raise ServiceUnavailable(
             unreachable_message(failures, self.timeout))
+
+    def _post_one(self, index: int, path: str, body: dict[str, Any],
+                  token: str | None) -> dict[str, Any]:
+        client = self._client(index)
+        return client.post(client.get_url(path), data=json.dumps(body),
+                           headers={"Authorization": token} if token else {})
 
     def _failure(self, index: int, exc: Exception) -> Failure:
         host, port = self.endpoints[index]
@@ -494,12 +497,10 @@ class EtcdGateway:
         silent; only a question shows it. No failover: it is this
         endpoint that is asked about. A refusal (an expired auth token) is
         an answer too; "cannot serve now" (no leader, timed out) is not."""
-        client = self._client(endpoint)
-        token = self.tokens.current()
         try:
-            client.post(client.get_url("/kv/range"),
-                        data=json.dumps({"key": b64(key), "count_only": True}),
-                        headers={"Authorization": token} if token else {})
+            self._post_one(endpoint, "/kv/range",
+                           {"key": b64(key), "count_only": True},
+                           self.tokens.current())
         except _TRANSIENT:
             return False
         except etcd_exc.Etcd3Exception as exc:

@@ -24,6 +24,7 @@ from itertools import islice, takewhile
 from typing import Literal
 
 from ..clients.etcd import (
+    MAX_TXN_OPS,
     EtcdGateway,
     KeyValue,
     cmp_create_revision,
@@ -40,9 +41,9 @@ logger = logging.getLogger(__name__)
 
 #: Locks of committed jobs are deleted with a later lock Txn, at most this
 #: many at a time, or by a background thread (it looks this often). Each
-#: job is 3 deletes: 32 jobs are 96, plus the lock Txn's own 4, within
-#: ``MAX_TXN_OPS`` (64 jobs were refused with INVALID_ARGUMENT).
-RELEASE_BATCH = 32
+#: job is 3 deletes; with the lock Txn's own 4 ops a batch stays within
+#: ``MAX_TXN_OPS`` (32 jobs: 100 ops; 64 were refused with INVALID_ARGUMENT).
+RELEASE_BATCH = MAX_TXN_OPS // 4
 RELEASE_IDLE_S = 0.5
 
 #: A committed job's lock and record are kept at least this long after its
